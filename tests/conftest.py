@@ -1,0 +1,40 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "stages"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tracked_copy(destination: Path) -> Path:
+    """A copy of the working tree as git sees it (tracked + untracked, not ignored): a fresh clone."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        source = ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+    return destination
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny built-in base (briefly pretrained) shared by the unit tests."""
+    import torch
+
+    import base
+    from common import Builtin
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("base")
+    cfg = Builtin(pretrain_steps=20, num_layers=2)
+    base.build_builtin(cfg, out)
+    return out
