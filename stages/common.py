@@ -281,5 +281,33 @@ def require_complete(path: Path | str) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- reference logits
+REFERENCE = "reference_logits.safetensors"
+
+
+def save_reference_logits(model, prompts: list[list[int]], folder: Path) -> None:
+    """Logits of the trained model on a few held-out prompts, saved beside the adapter so that
+    every later form of the model (merged, quantized) can be checked against them."""
+    import torch
+    from safetensors.torch import save_file
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+
+    tensors = {}
+    with torch.no_grad():
+        for index, ids in enumerate(prompts):
+            tensors[f"input_ids.{index}"] = torch.tensor(ids)
+            tensors[f"logits.{index}"] = model(input_ids=torch.tensor([ids])).logits[0].float().contiguous()
+    save_file(tensors, str(Path(folder) / REFERENCE))
+
+
+def load_reference_logits(folder: Path) -> list[tuple[list[int], "object"]]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(folder) / REFERENCE))
+    count = sum(name.startswith("input_ids.") for name in tensors)
+    return [(tensors[f"input_ids.{i}"].tolist(), tensors[f"logits.{i}"]) for i in range(count)]
+
+
 if __name__ == "__main__":  # `python stages/common.py`: the check_params stage
     setup("check_params")

@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
 
-from common import ROOT, atomic_dir, offline_by_default, read_jsonl, require_complete, seed_everything, setup, write_json, write_text
+from common import (ROOT, atomic_dir, offline_by_default, read_jsonl, require_complete, save_reference_logits,
+                    seed_everything, setup, write_json, write_text)
 
 log = logging.getLogger("finetune.train")
 
@@ -64,8 +67,9 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
                     raise SystemExit(f"train: loss is {logs['loss']} at step {state.global_step}; lower train.learning_rate")
 
     keep = ["input_ids", "labels"]
+    scratch = tempfile.mkdtemp(prefix="trainer-")  # checkpoints are off; the Trainer still wants a folder
     args = SFTConfig(
-        output_dir=str(out_dir / "trainer"), seed=seed, data_seed=seed, learning_rate=cfg.learning_rate,
+        output_dir=str(scratch), seed=seed, data_seed=seed, learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
@@ -81,6 +85,9 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
     result = trainer.train()
     seconds = time.time() - started
     eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
+    shutil.rmtree(scratch, ignore_errors=True)
+    trainer.model.eval()
+    save_reference_logits(trainer.model, [row["input_ids"][:64] for row in (eval_rows or train_rows)[:4]], out_dir)
     trainer.model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     tokens = sum(len(row["input_ids"]) for row in train_rows) * cfg.num_epochs if cfg.max_steps < 0 else None

@@ -1,0 +1,109 @@
+"""End to end: the real `dvc` drives the real stages on a fresh copy of the repo.
+
+Small knobs (a 2-layer base, a few steps) keep it to a few minutes on 2 cores; the code path is
+the default one. Checks: every artifact appears, a second `dvc repro` is a no-op, an
+experiment on a train param reruns train and what follows only, and a broken params.yaml
+fails fast, names the key, and loses nothing.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tracked_copy
+
+pytestmark = pytest.mark.slow
+BIN = str(Path(sys.executable).parent)
+UPSTREAM = ["check_params", "base", "ingest", "dedup_filter", "format"]
+DOWNSTREAM = ["train", "evaluate", "merge", "quantize"]
+
+
+def sh(repo, *args, check=True):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w:]+)'", output))
+
+
+import re  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tracked_copy(tmp_path_factory.mktemp("repo"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"]["builtin"].update(num_layers=2, pretrain_steps=40)
+    params["train"].update(max_steps=40, logging_steps=5)
+    params["quantize"]["formats"] = ["gguf_q8_0"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        sh(repo, *command)
+    first = sh(repo, "dvc", "repro")
+    assert ran(first.stdout) >= set(UPSTREAM + DOWNSTREAM + ["evaluate_base"]), first.stdout
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run")
+    return repo
+
+
+def test_full_run_writes_every_artifact(repo):
+    for folder in ["models/base", "models/adapter", "models/merged", "models/quantized"]:
+        assert (repo / folder / ".complete").exists(), folder
+    assert (repo / "models/quantized/model-q8_0.gguf").stat().st_size > 100_000
+    data = json.loads((repo / "metrics/data.json").read_text())
+    assert data["rows_in"] == data["rows_kept"] + data["rejected"] + sum(data["removed"].values())
+    assert data["rejected"] == 20
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["steps"] == 40 and 0 < train["trainable_params"] < train["total_params"]
+    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    assert evaluation["perplexity"] < evaluation["base.perplexity"]
+    quantized = json.loads((repo / "metrics/quantize.json").read_text())
+    assert quantized["gguf_q8_0.size_ratio"] < 0.5 and abs(quantized["gguf_q8_0.perplexity_drop_percent"]) < 2
+
+
+def test_second_repro_is_a_fast_no_op(repo):
+    started = time.time()
+    result = sh(repo, "dvc", "repro")
+    assert time.time() - started < 5
+    assert ran(result.stdout) == set() and "up to date" in result.stdout
+
+
+def test_experiment_reruns_only_what_the_param_touches(repo):
+    result = sh(repo, "dvc", "exp", "run", "--set-param", "train.lora.r=4")
+    assert ran(result.stdout) == set(DOWNSTREAM) | {"check_params"}, result.stdout
+    table = sh(repo, "dvc", "exp", "show", "--no-pager", "--md").stdout
+    assert "train.lora.r" in table or "lora.r" in table
+    assert table.count("workspace") == 1 and len(re.findall(r"\| +[a-z]+-[a-z]+ ", table)) >= 1, table
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda p: p["train"].update(lorra={"r": 8}), "train.lorra: unknown key"),
+    (lambda p: p["train"]["lora"].update(r=0), "train.lora.r: Input should be greater than 0, got 0"),
+    (lambda p: p["train"].update(learning_rate="fast"), "train.learning_rate"),
+])
+def test_broken_params_fail_fast_and_lose_nothing(repo, edit, key):
+    sh(repo, "git", "checkout", "-q", "--", ".")
+    sh(repo, "dvc", "checkout", "-q")
+    original = (repo / "params.yaml").read_text()
+    adapter = (repo / "models/adapter/adapter_model.safetensors").read_bytes()
+    params = yaml.safe_load(original)
+    edit(params)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    started = time.time()
+    result = sh(repo, "dvc", "repro", check=False)
+    assert time.time() - started < 10  # dvc's own start-up included
+    assert result.returncode != 0 and key in result.stdout + result.stderr
+    (repo / "params.yaml").write_text(original)
+    restored = sh(repo, "dvc", "repro")
+    assert "train" not in ran(restored.stdout)  # outputs come back from the cache, no retraining
+    assert (repo / "models/adapter/adapter_model.safetensors").read_bytes() == adapter
