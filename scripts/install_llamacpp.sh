@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Install llama.cpp tooling for stages/llamacpp.py into an existing venv (idempotent).
+#   scripts/install_llamacpp.sh VENV_DIR [CONVERT_DIR]
+# - builds llama-cpp-python from source (PyPI ships only an sdist) with a trimmed CMake config,
+#   plus sentencepiece (convert_hf_to_gguf.py imports it even for BPE vocabularies);
+# - extracts llama.cpp's convert_hf_to_gguf.py + conversion/ + its own gguf-py from the same sdist
+#   into CONVERT_DIR (default: $LLAMACPP_CONVERT_DIR or <repo>/.venv/llama.cpp). The vendored gguf-py
+#   is used (put first on sys.path), never the PyPI `gguf` package, so versions always match.
+set -euo pipefail
+
+VERSION=0.3.36
+VENV=${1:?usage: $0 VENV_DIR [CONVERT_DIR]}
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DEST=${2:-${LLAMACPP_CONVERT_DIR:-$REPO_ROOT/.venv/llama.cpp}}
+PY="$VENV/bin/python"
+STAMP="$DEST/.llama-cpp-python-$VERSION"
+
+[ -x "$PY" ] || { echo "no python at $PY" >&2; exit 1; }
+
+have_pkg() {
+  "$PY" - <<EOF 2>/dev/null
+import importlib.metadata as m, sys
+import sentencepiece
+ok = m.version("llama_cpp_python") == "$VERSION"
+if ok:  # a build with AMX kernels (see below) crashes on AMX CPUs: treat it as not installed
+    import llama_cpp
+    ok = "AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode()
+sys.exit(not ok)
+EOF
+}
+
+if have_pkg && [ -f "$STAMP" ] && [ -f "$DEST/convert_hf_to_gguf.py" ]; then
+  echo "llama.cpp $VERSION already installed ($DEST)"
+  exit 0
+fi
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+"$PY" -m pip download --quiet --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d "$WORK"
+SDIST="$WORK/llama_cpp_python-$VERSION.tar.gz"
+
+if ! have_pkg; then
+  # Only the shared libs the Python package loads: no mtmd/llava (multimodal; imported lazily),
+  # no tests/examples/tools/server, no openssl. -march=native (GGML_NATIVE=ON): the build is used
+  # where it is built. AMX is compiled out (-mno-amx-*): on AMX CPUs (Sapphire Rapids+) ggml's AMX
+  # matmul segfaults in ldtilecfg for Q8_0/Q4_0/K-quant weights (llama.cpp issue #20824, PR #26954),
+  # seen here on the first decode of a Q8_0 model. --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS.
+  NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  start=$(date +%s)
+  CMAKE_ARGS="${LLAMACPP_CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON}" \
+  CFLAGS="${CFLAGS:-} $NOAMX" CXXFLAGS="${CXXFLAGS:-} $NOAMX" \
+  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+    "$PY" -m pip install --no-cache-dir "$SDIST" sentencepiece
+  echo "llama-cpp-python $VERSION built and installed in $(( $(date +%s) - start )) s"
+fi
+
+SRC="llama_cpp_python-$VERSION/vendor/llama.cpp"
+tar -xzf "$SDIST" -C "$WORK" "$SRC/convert_hf_to_gguf.py" "$SRC/conversion" "$SRC/gguf-py/gguf" "$SRC/LICENSE"
+rm -rf "$DEST.tmp"
+mkdir -p "$DEST.tmp"
+cp -r "$WORK/$SRC/convert_hf_to_gguf.py" "$WORK/$SRC/conversion" "$WORK/$SRC/gguf-py" "$WORK/$SRC/LICENSE" "$DEST.tmp/"
+touch "$DEST.tmp/$(basename "$STAMP")"
+rm -rf "$DEST"
+mv "$DEST.tmp" "$DEST"
+echo "llama.cpp convert script extracted to $DEST"
+"$PY" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, llama_cpp.llama_print_system_info().decode())"

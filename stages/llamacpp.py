@@ -1,0 +1,176 @@
+"""llama.cpp export: HF Llama folder -> GGUF (llama.cpp's convert_hf_to_gguf.py) -> quants -> scoring.
+
+Needs `scripts/install_llamacpp.sh VENV` (llama-cpp-python 0.3.36 + sentencepiece + the convert
+script and its vendored gguf-py extracted from the sdist).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENV_VAR = "LLAMACPP_CONVERT_DIR"
+DEFAULT_CONVERT_DIR = REPO_ROOT / ".venv" / "llama.cpp"
+
+# Runs inside a fresh interpreter: argv = [script_dir, <convert_hf_to_gguf.py args>...].
+# convert_hf_to_gguf.py identifies BPE pre-tokenizers by hashing the token ids of a fixed string; a
+# freshly trained vocab has an unknown hash, so it raises NotImplementedError. Our tokenizer is a plain
+# GPT-2 byte-level BPE (ByteLevel pre-tokenizer with the GPT-2 regex, no normalizer), which is exactly
+# llama.cpp's "gpt-2" pre-tokenizer. Only in that verified case is the unknown hash mapped to "gpt-2";
+# every known hash still goes through llama.cpp's own table, anything else still fails loudly.
+_DRIVER = r"""
+import json, logging, sys
+d = sys.argv[1]
+sys.path[:0] = [d, d + "/gguf-py"]
+import convert_hf_to_gguf as cv
+from conversion.base import TextModel
+orig = TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    tj = json.loads((self.dir_model / "tokenizer.json").read_text(encoding="utf-8"))
+    pt = tj.get("pre_tokenizer") or {}
+    if not (tj.get("normalizer") is None and pt.get("type") == "ByteLevel"
+            and pt.get("use_regex", True) and not pt.get("add_prefix_space", False)):
+        return orig(self, tokenizer)
+    lg = logging.getLogger("hf-to-gguf"); lvl = lg.level
+    lg.setLevel(logging.ERROR)  # hide the "not recognized" banner for this verified case
+    try:
+        return orig(self, tokenizer)
+    except NotImplementedError:
+        print("llamacpp driver: unknown BPE hash, GPT-2 byte-level pre-tokenizer -> 'gpt-2'", file=sys.stderr)
+        return "gpt-2"
+    finally:
+        lg.setLevel(lvl)
+TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
+cv.main()
+"""
+
+# llama_ftype values (llama.h)
+QTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10,
+          "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16,
+          "q5_k_m": 17, "q6_k": 18, "bf16": 32}
+
+
+def convert_script_dir(path: str | os.PathLike | None = None) -> Path:
+    """Folder holding convert_hf_to_gguf.py, conversion/ and gguf-py/ (arg > $LLAMACPP_CONVERT_DIR > .venv/llama.cpp)."""
+    d = Path(path or os.environ.get(ENV_VAR) or DEFAULT_CONVERT_DIR).resolve()
+    if not (d / "convert_hf_to_gguf.py").is_file() or not (d / "gguf-py" / "gguf").is_dir():
+        raise FileNotFoundError(f"llama.cpp convert script not found in {d}; run scripts/install_llamacpp.sh")
+    return d
+
+
+def _tmp_for(out: Path) -> Path:
+    return out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
+
+
+def hf_to_gguf(model_dir, out_path, outtype: str = "f16", script_dir=None, timeout: float = 1800) -> Path:
+    """Convert an HF model folder with llama.cpp's convert_hf_to_gguf.py (subprocess); atomic write."""
+    d, out = convert_script_dir(script_dir), Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_for(out)
+    cmd = [sys.executable, "-c", _DRIVER, str(d), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
+    env = {**os.environ, "NO_LOCAL_GGUF": "1"}  # the driver puts the vendored gguf-py first itself
+    log.info("converting %s -> %s (%s)", model_dir, out, outtype)
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0 or not tmp.is_file():
+            raise RuntimeError(f"convert_hf_to_gguf failed (rc={r.returncode}):\n{r.stderr[-4000:]}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if "-> 'gpt-2'" in r.stderr:
+        log.info("BPE pre-tokenizer hash unknown to llama.cpp; verified GPT-2 byte-level -> tokenizer.ggml.pre=gpt-2")
+    log.info("wrote %s (%.2f MB)", out, out.stat().st_size / 1e6)
+    return out
+
+
+def quantize_gguf(src, dst, qtype: str, n_threads: int | None = None) -> Path:
+    """Quantize an f32/f16 GGUF with llama.cpp (K-quants included); atomic write."""
+    import llama_cpp
+
+    ftype = QTYPES[qtype.lower()]
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_for(dst)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = n_threads or (os.cpu_count() or 1)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0 or not tmp.is_file():
+            raise RuntimeError(f"llama_model_quantize({src}, {qtype}) returned {rc}")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("quantized %s -> %s (%s, %.2f MB)", src, dst, qtype, dst.stat().st_size / 1e6)
+    return dst
+
+
+def load(gguf_path, n_ctx: int = 512, n_threads: int | None = None):
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(gguf_path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
+                           verbose=False, n_threads=n_threads or 1, seed=0)
+
+
+def tokenize(llm, text: str, add_bos: bool = True) -> list[int]:
+    """llama.cpp tokenization; add_bos=True means "as the model's metadata says" (add_bos_token)."""
+    return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+
+
+def sequence_nll(llm, ids: list[int]) -> tuple[float, int]:
+    """Summed NLL (nats) of ids[1:] given the prefix, and the number of scored tokens."""
+    import numpy as np
+
+    if len(ids) < 2:
+        return 0.0, 0
+    if len(ids) > llm.n_ctx():
+        log.warning("truncating a %d-token sequence to n_ctx=%d", len(ids), llm.n_ctx())
+        ids = ids[: llm.n_ctx()]
+    llm.reset()
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+    logz = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+    tgt = np.asarray(ids[1:])
+    return float((logz - logits[np.arange(len(tgt)), tgt]).sum()), len(tgt)
+
+
+def generate(llm, prompt, max_tokens: int = 32) -> str:
+    """Greedy (temperature 0) completion of a text prompt (special tokens parsed) or token ids."""
+    if isinstance(prompt, str):
+        ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        if llm._model.add_bos_token() and ids[:1] != [llm.token_bos()]:
+            ids = [llm.token_bos()] + ids  # unless the chat template already rendered {{ bos_token }}
+    else:
+        ids = list(prompt)
+    out = llm.create_completion(ids, max_tokens=max_tokens, temperature=0.0, top_k=1, seed=0)
+    return out["choices"][0]["text"]
+
+
+def load_and_score(gguf_path, texts, hf_tokenizer=None, n_ctx: int = 512, n_threads: int | None = None) -> dict:
+    """Mean per-token NLL / perplexity over texts (str, tokenized by llama.cpp) or token-id lists.
+
+    With hf_tokenizer, also reports whether llama.cpp tokenization equals the HF ids (incl. BOS)."""
+    llm = load(gguf_path, n_ctx=n_ctx, n_threads=n_threads)
+    total, n, match = 0.0, 0, None
+    for t in texts:
+        ids = tokenize(llm, t) if isinstance(t, str) else list(t)
+        if hf_tokenizer is not None and isinstance(t, str):
+            same = ids == list(hf_tokenizer(t)["input_ids"])
+            match = same if match is None else (match and same)
+            if not same:
+                log.warning("tokenization differs for %r: llama.cpp %s vs HF %s", t, ids, hf_tokenizer(t)["input_ids"])
+        s, k = sequence_nll(llm, ids)
+        total, n = total + s, n + k
+    nll = total / max(n, 1)
+    res = {"gguf": str(gguf_path), "size_bytes": Path(gguf_path).stat().st_size, "n_tokens": n,
+           "nll": nll, "ppl": math.exp(nll), "add_bos": bool(llm._model.add_bos_token()),
+           "n_vocab": llm.n_vocab(), "tokenization_matches_hf": match}
+    del llm
+    return res
