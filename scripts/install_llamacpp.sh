@@ -11,7 +11,7 @@ set -euo pipefail
 VERSION=0.3.36
 VENV=${1:?usage: $0 VENV_DIR [CONVERT_DIR]}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-DEST=${2:-${LLAMACPP_CONVERT_DIR:-$REPO_ROOT/.venv/llama.cpp}}
+DEST=${2:-${LLAMACPP_CONVERT_DIR:-$VENV/llama.cpp}}
 PY="$VENV/bin/python"
 STAMP="$DEST/.llama-cpp-python-$VERSION"
 
@@ -36,8 +36,13 @@ fi
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-"$PY" -m pip download --quiet --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d "$WORK"
-SDIST="$WORK/llama_cpp_python-$VERSION.tar.gz"
+CACHE="${FINETUNE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune/wheels}"
+SDIST="$CACHE/llama_cpp_python-$VERSION.tar.gz"
+if [ ! -f "$SDIST" ]; then
+  mkdir -p "$CACHE"
+  "$PY" -m pip download --quiet --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d "$WORK"
+  mv "$WORK/llama_cpp_python-$VERSION.tar.gz" "$SDIST"
+fi
 
 if ! have_pkg; then
   # Only the shared libs the Python package loads: no mtmd/llava (multimodal; imported lazily),
@@ -46,11 +51,20 @@ if ! have_pkg; then
   # matmul segfaults in ldtilecfg for Q8_0/Q4_0/K-quant weights (llama.cpp issue #20824, PR #26954),
   # seen here on the first decode of a Q8_0 model. --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS.
   NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  ARGS="${LLAMACPP_CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON}"
+  # The wheel is native to this CPU and these flags: keep it in a per-machine cache keyed by both,
+  # so a fresh clone (CI) on the same machine installs in seconds instead of rebuilding for minutes.
+  KEY=$(printf '%s\n%s\n%s\n' "$VERSION" "$ARGS $NOAMX" "$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)" | sha256sum | cut -c1-16)
+  WHEELS="$CACHE/llama-cpp-python-$KEY"
   start=$(date +%s)
-  CMAKE_ARGS="${LLAMACPP_CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON}" \
-  CFLAGS="${CFLAGS:-} $NOAMX" CXXFLAGS="${CXXFLAGS:-} $NOAMX" \
-  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-    "$PY" -m pip install --no-cache-dir "$SDIST" sentencepiece
+  if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    mkdir -p "$WHEELS.tmp"
+    CMAKE_ARGS="$ARGS" CFLAGS="${CFLAGS:-} $NOAMX" CXXFLAGS="${CXXFLAGS:-} $NOAMX" \
+    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+      "$PY" -m pip wheel --quiet --no-cache-dir --no-deps "$SDIST" -w "$WHEELS.tmp"
+    rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS"
+  fi
+  "$PY" -m pip install --quiet "$WHEELS"/llama_cpp_python-*.whl sentencepiece
   echo "llama-cpp-python $VERSION built and installed in $(( $(date +%s) - start )) s"
 fi
 

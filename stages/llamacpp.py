@@ -1,5 +1,9 @@
 """llama.cpp export: HF Llama folder -> GGUF (llama.cpp's convert_hf_to_gguf.py) -> quants -> scoring.
 
+`LlamaCppLM` puts a loaded GGUF behind the two calls the evaluation code makes on a Hugging Face
+model (`model(input_ids, attention_mask).logits` and `model.generate(...)`), so a GGUF is scored
+by the evaluation stage's own code, with every logit and every generated token from llama.cpp.
+
 Needs `scripts/install_llamacpp.sh VENV` (llama-cpp-python 0.3.36 + sentencepiece + the convert
 script and its vendored gguf-py extracted from the sdist).
 """
@@ -16,7 +20,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_VAR = "LLAMACPP_CONVERT_DIR"
-DEFAULT_CONVERT_DIR = REPO_ROOT / ".venv" / "llama.cpp"
+DEFAULT_CONVERT_DIR = Path(sys.prefix) / "llama.cpp"  # installed into the venv by scripts/install_llamacpp.sh
 
 # Runs inside a fresh interpreter: argv = [script_dir, <convert_hf_to_gguf.py args>...].
 # convert_hf_to_gguf.py identifies BPE pre-tokenizers by hashing the token ids of a fixed string; a
@@ -174,3 +178,74 @@ def load_and_score(gguf_path, texts, hf_tokenizer=None, n_ctx: int = 512, n_thre
            "n_vocab": llm.n_vocab(), "tokenization_matches_hf": match}
     del llm
     return res
+
+
+def tensor_types(gguf_path) -> dict[str, int]:
+    """How many tensors of each type the file really holds (llama.cpp may fall back, e.g. Q4_K -> Q5_0)."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    return dict(sorted(Counter(tensor.tensor_type.name for tensor in GGUFReader(str(gguf_path)).tensors).items()))
+
+
+class LlamaCppLM:
+    """A GGUF model in llama.cpp, answering like a transformers causal LM (batch of token ids in, torch out).
+
+    Each row of a batch is run on its own (reset, eval), padding removed via attention_mask; generation
+    is greedy, or sampled with temperature/top_p when do_sample is set."""
+
+    def __init__(self, gguf_path, generation_config=None, n_ctx: int = 512, n_threads: int = 1):
+        self.llm = load(gguf_path, n_ctx=n_ctx, n_threads=n_threads)
+        self.generation_config = generation_config
+
+    def _ids(self, input_ids, attention_mask, row: int) -> list[int]:
+        ids = input_ids[row].tolist()
+        if attention_mask is not None:
+            ids = [token for token, keep in zip(ids, attention_mask[row].tolist()) if keep]
+        if len(ids) > self.llm.n_ctx():
+            raise ValueError(f"a {len(ids)}-token sequence does not fit llama.cpp's n_ctx={self.llm.n_ctx()}")
+        return ids
+
+    def __call__(self, input_ids, attention_mask=None, **_):
+        """Logits of every position; right padding (as evaluation batches it) gets zeros."""
+        import types
+
+        import torch
+
+        logits = torch.zeros(*input_ids.shape, self.llm.n_vocab())
+        for row in range(input_ids.shape[0]):
+            ids = self._ids(input_ids, attention_mask, row)
+            self.llm.reset()
+            self.llm.eval(ids)
+            positions = [i for i, keep in enumerate(attention_mask[row].tolist()) if keep] if attention_mask is not None \
+                else list(range(len(ids)))
+            logits[row, positions] = torch.from_numpy(self.llm.scores[: len(ids)].copy())
+        return types.SimpleNamespace(logits=logits)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, min_new_tokens: int = 0,
+                 eos_token_id=None, pad_token_id=None, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, num_return_sequences: int = 1, **_):
+        """Like transformers: each prompt row (as given, padding kept) followed by its new tokens, then pad."""
+        import torch
+
+        stops = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]) - {None}
+        rows = []
+        for row in range(input_ids.shape[0]):
+            ids = self._ids(input_ids, attention_mask, row)
+            for sample in range(num_return_sequences):
+                self.llm.reset()
+                self.llm.set_seed(sample)
+                new: list[int] = []
+                sampling = {"temp": temperature, "top_p": top_p, "top_k": 0} if do_sample else {"temp": 0.0, "top_k": 1}
+                for token in self.llm.generate(ids, repeat_penalty=1.0, min_p=0.0, **sampling):
+                    if token in stops and len(new) >= min_new_tokens:
+                        new.append(token)
+                        break
+                    new.append(token)
+                    if len(new) >= max_new_tokens or len(ids) + len(new) >= self.llm.n_ctx():
+                        break
+                rows.append(input_ids[row].tolist() + new)
+        pad = pad_token_id if pad_token_id is not None else 0
+        width = max(len(row) for row in rows)
+        return torch.tensor([row + [pad] * (width - len(row)) for row in rows])
