@@ -1,18 +1,25 @@
 """ingest: read every source in `ingest.sources`, normalise each row to one schema, split.
 
 One record per input row: `{"id", "source", "line", "messages": [{"role", "content"}, ...]}`
-for instruction and chat shapes, `{"id", "source", "line", "text"}` for plain text. Every
+for instruction, chat and classification shapes (classification also keeps `label`),
+`{"id", "source", "line", "text"}` for plain text; `weight` when the source has one. Every
 malformed row goes to `data/rejects.jsonl` with its source, line and reason. The split is a
 hash of the row's content and the seed, so appending rows never moves existing ones.
+Rows stream from file to split file: memory holds one row (and a whole file only for a .json
+array), plus 8 bytes per eval/test row when `max_eval_rows`/`max_test_rows` cap them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+from array import array
 from pathlib import Path
 
-from common import ROOT, atomic_dir, setup, write_json, write_jsonl
+from common import ROOT, atomic_dir, setup, write_json
+from sources import BadRow, read_rows
 
 log = logging.getLogger("finetune.ingest")
 
@@ -20,66 +27,6 @@ OUT = ROOT / "data" / "ingested"
 REJECTS = ROOT / "data" / "rejects.jsonl"
 SPLITS = ("train", "eval", "test")
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-class BadRow(ValueError):
-    pass
-
-
-# --------------------------------------------------------------------------- reading
-def read_rows(source, root: Path = ROOT):
-    """Yield (line_or_row_number, object_or_BadRow) for one source."""
-    if source.hub:
-        import datasets
-
-        for number, row in enumerate(datasets.load_dataset(source.hub, split=source.split), start=1):
-            yield number, row
-        return
-    path = (root / source.path) if not Path(source.path).is_absolute() else Path(source.path)
-    if not path.is_file():
-        raise SystemExit(f"ingest.sources: {source.path} does not exist (path is relative to the repo root)")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from read_jsonl_rows(path)
-    elif suffix == ".json":
-        try:
-            rows = json.loads(path.read_bytes().decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SystemExit(f"{source.path}: not a readable JSON file ({exc}); use JSON Lines for row-level recovery")
-        if not isinstance(rows, list):
-            raise SystemExit(f"{source.path}: a .json source must hold an array of rows")
-        yield from enumerate(rows, start=1)
-    elif suffix in (".csv", ".parquet"):
-        import pandas as pd
-
-        try:
-            frame = (pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig") if suffix == ".csv"
-                     else pd.read_parquet(path))
-        except Exception as exc:  # pandas raises many types; the file as a whole is unreadable
-            raise SystemExit(f"{source.path}: cannot read ({exc})") from None
-        first = 2 if suffix == ".csv" else 1  # a CSV's line 1 is its header
-        for offset, row in enumerate(frame.to_dict(orient="records")):
-            yield offset + first, row
-    else:
-        raise SystemExit(f"{source.path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
-
-
-def read_jsonl_rows(path: Path):
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, BadRow(f"invalid UTF-8 at byte {exc.start}")
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield number, BadRow(f"invalid JSON: {exc.msg} at column {exc.colno}")
 
 
 # --------------------------------------------------------------------------- shapes
@@ -90,6 +37,8 @@ def detect_format(row: dict) -> str:
         return "messages"
     if "instruction" in row and "output" in row:
         return "alpaca"
+    if "text" in row and "label" in row:
+        return "classification"
     if "text" in row:
         return "text"
     raise BadRow(f"cannot tell the shape from keys {sorted(row)}; set `format` on the source")
@@ -108,12 +57,24 @@ def text_field(row: dict, key: str, required: bool = True) -> str:
     return value
 
 
+def label_field(row: dict) -> str:
+    """A class label may be a string or an integer id; anything else is a wrong type."""
+    value = row.get("label")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return text_field(row, "label").strip()
+
+
 def normalise(row, shape: str) -> dict:
     """Map one raw row to `messages` or `text`; raise BadRow with the reason."""
     if not isinstance(row, dict):
         raise BadRow(f"row must be an object, got {type(row).__name__}")
     if shape == "text":
         return {"text": text_field(row, "text")}
+    if shape == "classification":  # the model reads the text and answers with the label
+        label = label_field(row)
+        return {"messages": [{"role": "user", "content": text_field(row, "text")},
+                             {"role": "assistant", "content": label}], "label": label}
     if shape == "alpaca":
         instruction, extra = text_field(row, "instruction", False), text_field(row, "input", False)
         prompt = "\n\n".join(part.strip() for part in (instruction, extra) if part.strip())
@@ -144,18 +105,20 @@ def content_key(record: dict) -> str:
     return json.dumps(record.get("messages") or record.get("text"), ensure_ascii=False, sort_keys=True)
 
 
-def assign_split(record: dict, seed: int, eval_fraction: float, test_fraction: float) -> str:
+def split_position(record: dict, seed: int) -> float:
     digest = hashlib.sha256(f"{seed}\0{content_key(record)}".encode()).digest()
-    position = int.from_bytes(digest[:8], "big") / 2**64
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_split(position: float, eval_fraction: float, test_fraction: float) -> str:
     if position < test_fraction:
         return "test"
     return "eval" if position < test_fraction + eval_fraction else "train"
 
 
-def ingest(sources, seed: int, eval_fraction: float, test_fraction: float, root: Path = ROOT):
-    """Pure core: returns ({split: records}, rejects, summary)."""
-    splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
-    rejects, summary = [], {}
+def records(sources, root: Path = ROOT):
+    """Yield ("record", record) or ("reject", reject) for every row of every source, and a
+    ("source", summary) after each source."""
     for source in sources:
         name = source.hub or source.path
         shape, taken, bad = source.format, 0, 0
@@ -172,35 +135,97 @@ def ingest(sources, seed: int, eval_fraction: float, test_fraction: float, root:
                     log.info("%s: format auto-detected as %s", name, shape)
                 record = normalise(row, shape)
             except BadRow as exc:
-                rejects.append({"source": name, "line": number, "reason": str(exc)})
                 bad += 1
+                yield "reject", {"source": name, "line": number, "reason": str(exc)}
                 continue
             taken += 1
-            record = {"id": f"{name}:{number}", "source": name, "line": number, **record}
-            splits[assign_split(record, seed, eval_fraction, test_fraction)].append(record)
-        summary[name] = {"rows_in": taken + bad, "rejected": bad, "format": shape}
-    return splits, rejects, summary
+            weight = {"weight": source.weight} if source.weight != 1 else {}
+            yield "record", {"id": f"{name}:{number}", "source": name, "line": number, **record, **weight}
+        yield "source", {"name": name, "rows_in": taken + bad, "rejected": bad, "format": shape, "weight": source.weight}
+
+
+def dump(handle, row: dict) -> None:
+    handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def ingest(sources, seed: int, cfg, out_dir: Path, rejects_path: Path, root: Path = ROOT) -> dict:
+    """Pure core: stream every source into `out_dir/{split}.jsonl` and the rejects file; return the summary."""
+    caps = {"eval": cfg.max_eval_rows, "test": cfg.max_test_rows}
+    positions = {name: array("d") for name, cap in caps.items() if cap is not None}
+    summary = {"rows_in": 0, "rejected": 0, "sources": {}, "split_rows": dict.fromkeys(SPLITS, 0)}
+    first_rejects = []
+    with contextlib.ExitStack() as stack:
+        files = {name: stack.enter_context(open(out_dir / f"{name}.jsonl", "w", encoding="utf-8")) for name in SPLITS}
+        rejects = stack.enter_context(open(rejects_path, "w", encoding="utf-8"))
+        for kind, item in records(sources, root):
+            if kind == "reject":
+                dump(rejects, item)
+                first_rejects += [item] if len(first_rejects) < 20 else []
+            elif kind == "source":
+                summary["sources"][item.pop("name")] = item
+            else:
+                position = split_position(item, seed)
+                split = assign_split(position, cfg.eval_fraction, cfg.test_fraction)
+                dump(files[split], item)
+                if split in positions:
+                    positions[split].append(position)
+    for name, kept_positions in positions.items():
+        cap_split(out_dir, name, kept_positions, caps[name], seed)
+    for name in SPLITS:
+        with open(out_dir / f"{name}.jsonl", encoding="utf-8") as handle:
+            summary["split_rows"][name] = sum(1 for _ in handle)
+    summary["rows_in"] = sum(item["rows_in"] for item in summary["sources"].values())
+    summary["rejected"] = sum(item["rejected"] for item in summary["sources"].values())
+    for item in first_rejects:
+        log.warning("rejected %s line %s: %s", item["source"], item["line"], item["reason"])
+    return summary
+
+
+def cap_split(out_dir: Path, name: str, positions: array, cap: int, seed: int) -> None:
+    """Keep the `cap` rows of lowest hash position (still append-stable while under the cap); the
+    rest of the split moves to train."""
+    if len(positions) <= cap:
+        return
+    import numpy as np
+
+    cutoff = np.partition(np.frombuffer(positions, dtype=np.float64), cap - 1)[cap - 1]
+    path, kept = out_dir / f"{name}.jsonl", out_dir / f".{name}.capped"
+    with open(path, encoding="utf-8") as source, open(kept, "w", encoding="utf-8") as keep, \
+            open(out_dir / "train.jsonl", "a", encoding="utf-8") as train:
+        for line in source:
+            (keep if split_position(json.loads(line), seed) <= cutoff else train).write(line)
+    os.replace(kept, path)
+    log.info("ingest.max_%s_rows=%d: %d %s rows moved to train", name, cap, len(positions) - cap, name)
+
+
+def check_bad_fraction(summary: dict, limit: float, rejects) -> None:
+    bad_fraction = summary["rejected"] / max(summary["rows_in"], 1)
+    if bad_fraction > limit:
+        worst = max(summary["sources"].items(), key=lambda item: item[1]["rejected"])[0]
+        raise SystemExit(f"ingest: {summary['rejected']} of {summary['rows_in']} rows ({bad_fraction:.1%}) are malformed, "
+                         f"above ingest.max_bad_fraction={limit} (most from {worst}); see {rejects}")
+
+
+def check_paths(sources) -> None:
+    """A local source outside data/raw/ would not be a DVC dep: edits to it would not rerun ingest."""
+    for index, source in enumerate(sources):
+        if source.path and not Path(source.path).as_posix().startswith("data/raw/"):
+            raise SystemExit(f"ingest.sources[{index}].path: {source.path} must be under data/raw/ (the DVC dep of "
+                             f"ingest); move the file there")
 
 
 def main() -> None:
     params = setup("ingest")
     cfg = params.ingest
-    splits, rejects, summary = ingest(cfg.sources, params.seed, cfg.eval_fraction, cfg.test_fraction)
-    rows_in = sum(item["rows_in"] for item in summary.values())
-    for item in rejects[:20]:
-        log.warning("rejected %s line %s: %s", item["source"], item["line"], item["reason"])
-    write_jsonl(REJECTS, rejects)
-    bad_fraction = len(rejects) / max(rows_in, 1)
-    if bad_fraction > cfg.max_bad_fraction:
-        raise SystemExit(f"ingest: {len(rejects)} of {rows_in} rows ({bad_fraction:.1%}) are malformed, above "
-                         f"ingest.max_bad_fraction={cfg.max_bad_fraction}; see {REJECTS.relative_to(ROOT)}")
+    check_paths(cfg.sources)
+    REJECTS.parent.mkdir(parents=True, exist_ok=True)
+    rejects_tmp = REJECTS.with_name(f".{REJECTS.name}.tmp")
     with atomic_dir(OUT) as tmp:
-        for name, records in splits.items():
-            write_jsonl(tmp / f"{name}.jsonl", records)
-        write_json(tmp / "summary.json", {"rows_in": rows_in, "rejected": len(rejects), "sources": summary,
-                                          "split_rows": {name: len(records) for name, records in splits.items()}})
-    log.info("ingested %d rows (%d rejected): %s", rows_in, len(rejects),
-             {name: len(records) for name, records in splits.items()})
+        summary = ingest(cfg.sources, params.seed, cfg, tmp, rejects_tmp)
+        os.replace(rejects_tmp, REJECTS)  # written even when the bad fraction below fails the stage
+        check_bad_fraction(summary, cfg.max_bad_fraction, REJECTS.relative_to(ROOT))
+        write_json(tmp / "summary.json", summary)
+    log.info("ingested %d rows (%d rejected): %s", summary["rows_in"], summary["rejected"], summary["split_rows"])
 
 
 if __name__ == "__main__":

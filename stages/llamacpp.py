@@ -119,8 +119,10 @@ def quantize_gguf(src, dst, qtype: str, n_threads: int | None = None) -> Path:
 def load(gguf_path, n_ctx: int = 512, n_threads: int | None = None):
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(gguf_path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
-                           verbose=False, n_threads=n_threads or 1, seed=0)
+    # n_threads_batch too: llama-cpp-python defaults it to every core, and prompt batches on a busy
+    # 2-core machine then stalled ~0.6 s each for seconds after loading (5 ms once both are 1)
+    return llama_cpp.Llama(model_path=str(gguf_path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, verbose=False,
+                           n_threads=n_threads or 1, n_threads_batch=n_threads or 1, seed=0)
 
 
 def tokenize(llm, text: str, add_bos: bool = True) -> list[int]:
@@ -198,6 +200,7 @@ class LlamaCppLM:
     def __init__(self, gguf_path, generation_config=None, n_ctx: int = 512, n_threads: int = 1):
         self.llm = load(gguf_path, n_ctx=n_ctx, n_threads=n_threads)
         self.generation_config = generation_config
+        self.argmax_by_sequence: dict[tuple, list[int]] = {}  # from every forward, so agreement needs no second pass
 
     def _ids(self, input_ids, attention_mask, row: int) -> list[int]:
         ids = input_ids[row].tolist()
@@ -218,9 +221,9 @@ class LlamaCppLM:
             ids = self._ids(input_ids, attention_mask, row)
             self.llm.reset()
             self.llm.eval(ids)
-            positions = [i for i, keep in enumerate(attention_mask[row].tolist()) if keep] if attention_mask is not None \
-                else list(range(len(ids)))
-            logits[row, positions] = torch.from_numpy(self.llm.scores[: len(ids)].copy())
+            scores = torch.from_numpy(self.llm.scores[: len(ids)].copy())
+            logits[row, attention_mask[row].bool() if attention_mask is not None else slice(0, len(ids))] = scores
+            self.argmax_by_sequence[tuple(ids)] = scores.argmax(-1).tolist()
         return types.SimpleNamespace(logits=logits)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, min_new_tokens: int = 0,
@@ -230,6 +233,19 @@ class LlamaCppLM:
         import torch
 
         stops = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]) - {None}
+        # sampling reads the context's last logits: skip every position's, as a deployed llama.cpp does
+        self.llm._logits_all = False
+        try:
+            rows = self._generate(input_ids, attention_mask, max_new_tokens, min_new_tokens, stops, do_sample,
+                                  temperature, top_p, num_return_sequences)
+        finally:
+            self.llm._logits_all = True
+        pad = pad_token_id if pad_token_id is not None else 0
+        width = max(len(row) for row in rows)
+        return torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+
+    def _generate(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, stops, do_sample, temperature,
+                  top_p, num_return_sequences) -> list[list[int]]:
         rows = []
         for row in range(input_ids.shape[0]):
             ids = self._ids(input_ids, attention_mask, row)
@@ -246,6 +262,4 @@ class LlamaCppLM:
                     if len(new) >= max_new_tokens or len(ids) + len(new) >= self.llm.n_ctx():
                         break
                 rows.append(input_ids[row].tolist() + new)
-        pad = pad_token_id if pad_token_id is not None else 0
-        width = max(len(row) for row in rows)
-        return torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+        return rows

@@ -1,62 +1,193 @@
-"""merge: fold the LoRA adapter into the base (`merge_and_unload`) and save a standalone model.
+"""merge: turn what train wrote into one standalone Hugging Face model for deployment.
 
-Verified in the stage, before anything is written: the merged model's logits must match
-(a) the adapter model loaded from disk and (b) the logits the trained model produced at
-the end of training (`reference_logits.safetensors`), within `merge.atol`. (b) catches an
-adapter merged into the wrong base, or a stale adapter, which (a) alone cannot see.
+By training method (`models/adapter/train_method.json`, or inferred from the folder):
+- lora: `merge_and_unload` into the fp32 base, then cast to `merge.dtype`;
+- qlora: the adapter was trained against the 4-bit base, so it is merged into an fp32 base
+  whose linear weights are de-quantized from the same 4-bit code (bitsandbytes' own
+  quantize/dequantize functions on plain tensors; the model is never loaded in 4-bit and the
+  adapter is never merged into 4-bit weights). That reproduces the trained model; merging
+  into the original weights would not;
+- full: nothing to merge, the trained model is the model;
+- prompt_tuning: nothing to merge, the virtual tokens live outside the weights: the base is
+  saved with the adapter in `prompt_adapter/` (load both with peft), and quantize skips.
+
+Verified before anything is written: logits on held-out prompts must match (a) the adapter
+model freshly loaded from disk and (b) the logits saved at the end of training, within
+`merge.atol[merge.dtype]` (qlora's (b): `merge.qlora_reference_atol`, as bitsandbytes' 4-bit
+kernels computed those logits). (b) catches an adapter merged into the wrong base, or a stale one.
+The folder gets safetensors (sharded past `merge.max_shard_size`), the tokenizer and chat
+template, a generation config that stops at EOS, and a model card (README.md).
 """
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+from pathlib import Path
 
-from common import ROOT, atomic_dir, load_reference_logits, offline_by_default, require_complete, setup, write_json
+from common import (REFERENCE, ROOT, atomic_dir, load_reference_logits, offline_by_default, require_complete, setup,
+                    write_json, write_text)
 
 log = logging.getLogger("finetune.merge")
 
 BASE = ROOT / "models" / "base"
 ADAPTER = ROOT / "models" / "adapter"
+DATA_METRICS = ROOT / "metrics" / "data.json"
+EVAL_METRICS = ROOT / "metrics" / "eval.json"
 OUT = ROOT / "models" / "merged"
 METRICS = ROOT / "metrics" / "merge.json"
+METHOD_FILE = "train_method.json"
+PROMPT_ADAPTER = "prompt_adapter"
+METHODS = ("lora", "qlora", "full", "prompt_tuning")
+
+
+def training_method(adapter_dir) -> dict:
+    """train_method.json when train wrote one, else what the folder holds."""
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / METHOD_FILE).exists():
+        info = json.loads((adapter_dir / METHOD_FILE).read_text())
+    elif (adapter_dir / "adapter_config.json").exists():
+        peft_type = json.loads((adapter_dir / "adapter_config.json").read_text())["peft_type"]
+        info = {"method": {"LORA": "lora", "PROMPT_TUNING": "prompt_tuning"}.get(peft_type, peft_type.lower())}
+    else:
+        info = {"method": "full"}
+    if info["method"] not in METHODS:
+        raise SystemExit(f"merge: {adapter_dir} was trained with method {info['method']!r}; merge knows {METHODS}")
+    return info
+
+
+def dequantize_like_qlora(model, quantization: dict) -> None:
+    """Replace each linear weight by its 4-bit round trip, as the QLoRA base saw it in training."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    quant_type = quantization.get("bnb_4bit_quant_type", "nf4")
+    double_quant = quantization.get("bnb_4bit_use_double_quant", True)
+    skip = set(quantization.get("llm_int8_skip_modules") or ["lm_head"])
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in skip and name not in skip:
+            packed, state = bnbf.quantize_4bit(module.weight.data.float(), blocksize=64, quant_type=quant_type,
+                                               compress_statistics=double_quant)
+            module.weight.data = bnbf.dequantize_4bit(packed, state).float()
+    log.info("qlora: merging into the fp32 base de-quantized from %s%s (bitsandbytes functions on plain tensors), "
+             "never into 4-bit weights", quant_type, " + double quant" if double_quant else "")
+
+
+def logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
 
 
 def max_logit_difference(model, references) -> float:
-    import torch
-
-    worst = 0.0
-    with torch.no_grad():
-        for ids, expected in references:
-            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-            worst = max(worst, (logits - expected).abs().max().item())
-    return worst
+    return max((logits(model, ids) - expected).abs().max().item() for ids, expected in references)
 
 
-def merge(base_dir, adapter_dir, dtype: str, atol: float, out_dir) -> dict:
-    """Pure core: merge, verify, save the standalone model to out_dir."""
+def fix_generation_config(model, tokenizer) -> None:
+    """EOS includes the tokenizer's (the chat template's end of turn) and pad is set, so generation stops."""
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.insert(0, tokenizer.eos_token_id)
+    if not eos:
+        raise SystemExit("merge: neither the tokenizer nor the generation config defines an EOS token; generation "
+                         "would never stop. Give the base tokenizer an eos_token")
+    config.eos_token_id = eos[0] if len(eos) == 1 else eos
+    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    if tokenizer.bos_token_id is not None:
+        config.bos_token_id = tokenizer.bos_token_id
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = config.pad_token_id
+
+
+def merge(base_dir, adapter_dir, dtype: str, atol: float, out_dir, max_shard_size: str = "2GB",
+          reference_atol: float | None = None, card: str | None = None) -> dict:
+    """Pure core: build the deployable model for the training method, verify it, save it to out_dir.
+
+    atol bounds |logits| differences for `dtype`; reference_atol (default atol) bounds the check
+    against the end-of-training logits (for qlora those came from bitsandbytes' 4-bit kernels)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def adapter_model():
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        return PeftModel.from_pretrained(base, adapter_dir).eval()
+    info = training_method(adapter_dir)
+    method, out_dir = info["method"], Path(out_dir)
+    log.info("training method: %s", method)
 
-    trained = load_reference_logits(adapter_dir)
-    with torch.no_grad():
-        reloaded = [(ids, adapter_model()(input_ids=torch.tensor([ids])).logits[0].float()) for ids, _ in trained]
-    merged = adapter_model().merge_and_unload().to(getattr(torch, dtype)).eval()
-    checks = {"max_logit_diff_vs_adapter": max_logit_difference(merged, reloaded),
-              "max_logit_diff_vs_training": max_logit_difference(merged, trained)}
-    log.info("merged logits vs adapter model: %(max_logit_diff_vs_adapter).3g, vs end of training: "
-             "%(max_logit_diff_vs_training).3g", checks)
+    def fp32_base():
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        if method == "qlora":
+            dequantize_like_qlora(model, info.get("quantization_config") or {})
+        return model
+
+    if not (Path(adapter_dir) / REFERENCE).exists():
+        raise SystemExit(f"merge: {adapter_dir} has no {REFERENCE} (the end-of-training logits the merge is checked "
+                         "against); rerun train (dvc repro train)")
+    training = load_reference_logits(adapter_dir)
+    if method == "full":
+        model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32).eval()
+    else:
+        model = PeftModel.from_pretrained(fp32_base(), adapter_dir).eval()
+    fresh = [(ids, logits(model, ids)) for ids, _ in training]  # the trained model as loaded from disk, fp32
+    if method in ("lora", "qlora"):
+        model = model.merge_and_unload()
+    elif method == "prompt_tuning":
+        log.info("prompt_tuning: nothing to merge (the virtual tokens are inputs, not weights); saving the base "
+                 "with the adapter in %s/, and quantize will skip", PROMPT_ADAPTER)
+    model = model.to(getattr(torch, dtype)).eval()
+    checks = {"max_logit_diff_vs_adapter": max_logit_difference(model, fresh),
+              "max_logit_diff_vs_training": max_logit_difference(model, training)}
+    limits = {"max_logit_diff_vs_adapter": atol, "max_logit_diff_vs_training": reference_atol or atol}
+    log.info("%s logits vs adapter model: %.3g, vs end of training: %.3g (limits %s)", dtype,
+             checks["max_logit_diff_vs_adapter"], checks["max_logit_diff_vs_training"], limits)
+    params = {"max_logit_diff_vs_adapter": f"merge.atol.{dtype}",
+              "max_logit_diff_vs_training": "merge.qlora_reference_atol" if reference_atol else f"merge.atol.{dtype}"}
     for name, difference in checks.items():
-        if not difference <= atol:
-            raise SystemExit(f"merge: merged model's logits differ by {difference:.3g} > merge.atol={atol} ({name}); "
-                             "the adapter was not trained on this base, or merge.dtype is too coarse for the tolerance")
-    merged.generation_config.pad_token_id = merged.config.pad_token_id
-    merged.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
-    return {**checks, "dtype": dtype, "parameters": merged.num_parameters()}
+        if not difference <= limits[name]:
+            raise SystemExit(f"merge: the {method} model's logits differ by {difference:.3g} > {params[name]}={limits[name]} "
+                             f"({name}); the adapter was not trained on this base or is stale (rerun train), or the "
+                             f"tolerance is too tight for {dtype}")
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    standalone = model.get_base_model() if method == "prompt_tuning" else model
+    fix_generation_config(standalone, tokenizer)
+    standalone.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out_dir)
+    if method == "prompt_tuning":
+        model.save_pretrained(out_dir / PROMPT_ADAPTER)
+    shards = sorted(path.name for path in out_dir.glob("*.safetensors"))
+    write_json(out_dir / METHOD_FILE, {**info, "merge_dtype": dtype})
+    if card is not None:
+        write_text(out_dir / "README.md", card)
+    return {**checks, "method": method, "dtype": dtype, "parameters": sum(p.numel() for p in standalone.parameters()),
+            "shards": len(shards), "size_bytes": sum((out_dir / name).stat().st_size for name in shards)}
+
+
+def model_card(params, method: dict, data: dict, evaluation: dict) -> str:
+    """README.md of the model folder: what it is, how it was made, on what, and how well it does."""
+    scores = {key: value for key, value in evaluation.items() if not key.startswith("base.") and key != "seed"}
+    splits = ", ".join(f"{name} {split['rows_kept']}" for name, split in sorted(data.get("splits", {}).items()))
+    use = ("from transformers import AutoModelForCausalLM, pipeline\n\n"
+           "generator = pipeline(\"text-generation\", model=\"models/merged\")\n"
+           "print(generator([{\"role\": \"user\", \"content\": \"...\"}], max_new_tokens=32)[0][\"generated_text\"])")
+    if method["method"] == "prompt_tuning":
+        use = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+               f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"models/merged\"), "
+               f"\"models/merged/{PROMPT_ADAPTER}\")")
+    hub_base = [] if params.model.base == "builtin" or Path(params.model.base).exists() else [f"base_model: {params.model.base}"]
+    lines = ["---", *hub_base, "library_name: transformers", "pipeline_tag: text-generation",
+             f"tags: [finetune, {method['method']}]", "---", "", f"# Fine-tuned {params.model.base} ({method['method']})", "",
+             f"Written by the `merge` stage of the finetune pipeline: base `{params.model.base}`, training method "
+             f"`{method['method']}`, saved in `{params.merge.dtype}`.", "", "## Use", "", "```python", use, "```", "",
+             "## Training parameters", "", "```json", json.dumps(params.train.model_dump(), indent=2, sort_keys=True),
+             "```", "", f"Template: `{params.format.template}`, max_seq_len {params.format.max_seq_len}, seed {params.seed}.",
+             "", "## Data", "", f"{data.get('rows_in', '?')} rows in, {data.get('rows_kept', '?')} kept ({splits}); "
+             f"rejected {data.get('rejected', 0)}, removed {json.dumps(data.get('removed', {}), sort_keys=True)}.", "",
+             "## Evaluation (held-out test split)", "", "| metric | fine-tuned | base |", "|---|---|---|"]
+    lines += [f"| {key} | {value} | {evaluation.get('base.' + key, '')} |" for key, value in sorted(scores.items())
+              if not key.startswith("delta.") and key != "test_rows"]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -65,10 +196,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(params.threads)
+    adapter = require_complete(ADAPTER)
+    info = training_method(adapter)
+    card = model_card(params, info, json.loads(DATA_METRICS.read_text()), json.loads(EVAL_METRICS.read_text()))
+    cfg = params.merge
     with atomic_dir(OUT) as tmp:
-        report = merge(require_complete(BASE), require_complete(ADAPTER), params.merge.dtype, params.merge.atol, tmp)
-        (tmp / "format.json").write_text((ADAPTER / "format.json").read_text())
-        report["size_bytes"] = sum(path.stat().st_size for path in tmp.glob("*.safetensors"))
+        report = merge(require_complete(BASE), adapter, cfg.dtype, getattr(cfg.atol, cfg.dtype), tmp, cfg.max_shard_size,
+                       reference_atol=cfg.qlora_reference_atol if info["method"] == "qlora" else None, card=card)
+        if (adapter / "format.json").exists():
+            shutil.copy(adapter / "format.json", tmp / "format.json")
     write_json(METRICS, report)
     log.info("merge: %s", json.dumps(report))
 

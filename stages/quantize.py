@@ -1,21 +1,31 @@
-"""quantize: deployable artifacts from the merged model, each re-evaluated, not assumed.
+"""quantize: deployable artifacts from the merged model, each loaded by its real client and re-evaluated.
 
-`quantize.formats` picks from gguf_f16, gguf_q8_0, gguf_q4_k_m: llama.cpp's own
-convert_hf_to_gguf.py writes an f16 GGUF, llama.cpp's quantizer makes the rest. Every
-artifact is loaded by llama.cpp, and scored on the test split with the evaluation stage's
-metric code; `metrics/quantize.json` records size, ratio to the merged model, load time,
-tokens/s, task metrics, perplexity and the drop against the merged model.
+`quantize.formats`:
+- gguf_f16 / gguf_q8_0 / gguf_q4_0 / gguf_q4_k_m: llama.cpp's convert_hf_to_gguf.py writes an
+  f16 GGUF, llama.cpp's quantizer makes the rest; llama-cpp-python loads each one.
+- gptq: GPTQModel, calibrated on a seeded sample of the training split (saved beside the model);
+  plain `transformers` loads it.
+- bnb_int8: bitsandbytes LLM.int8() weights, saved; plain `transformers` (+ bitsandbytes) loads them.
+
+Every artifact is scored on the test split by the evaluation stage's own `evaluate_model`
+(task metrics, perplexity), plus top-1 agreement with the merged model (every position of the
+test sequences), size and its ratio to the merged model, load time and greedy tokens/s on this
+machine. `metrics/quantize.json` has all of it and the change against
+the merged model; the stage fails past `quantize.checks`. A prompt-tuned model has nothing to
+quantize: it is skipped, and the metrics say why.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 import time
+from pathlib import Path
 
 import evaluate
+import gptq
 import llamacpp
-from common import ROOT, atomic_dir, offline_by_default, read_jsonl, require_complete, setup, write_json
+from common import ROOT, atomic_dir, offline_by_default, read_jsonl, require_complete, setup, write_json, write_text
 
 log = logging.getLogger("finetune.quantize")
 
@@ -23,85 +33,182 @@ MERGED = ROOT / "models" / "merged"
 DATA = ROOT / "data" / "formatted"
 OUT = ROOT / "models" / "quantized"
 METRICS = ROOT / "metrics" / "quantize.json"
-IGNORE = -100
+SPEED_PROMPTS = 4
 
 
-def masked_perplexity(llm, rows: list[dict]) -> float:
-    """exp(mean NLL) over target tokens only: the same quantity evaluate.perplexity measures."""
-    import numpy as np
+def top1(model, rows: list[dict]) -> list[list[int]]:
+    """The argmax next token at every position of every test sequence."""
+    import torch
 
-    total, count = 0.0, 0
-    for row in rows:
-        ids, labels = row["input_ids"], row["labels"]
-        llm.reset()
-        llm.eval(ids)
-        logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
-        log_norm = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
-        for position, target in enumerate(labels[1:]):
-            if target != IGNORE:
-                total += log_norm[position] - logits[position, target]
-                count += 1
-    return math.exp(total / max(count, 1))
+    seen = getattr(model, "argmax_by_sequence", {})  # llama.cpp: kept from the perplexity pass
+    with torch.no_grad():
+        return [seen.get(tuple(row["input_ids"])) or model(input_ids=torch.tensor([row["input_ids"]])).logits[0].argmax(-1).tolist()
+                for row in rows]
 
 
-def score_gguf(path, rows: list[dict], cfg, threads: int) -> tuple[dict, list[str]]:
-    started = time.time()
-    llm = llamacpp.load(path, n_ctx=max(len(row["input_ids"]) for row in rows) + cfg.max_new_tokens + 8,
-                        n_threads=threads)
-    load_seconds = time.time() - started
-    references = [row["reference"].strip().casefold() for row in rows]
-    labels = sorted(set(references))
-    started, generated_tokens, outputs = time.time(), 0, []
-    for row in rows:
-        text = llamacpp.generate(llm, row["prompt"], max_tokens=cfg.max_new_tokens)
-        generated_tokens += len(llm.tokenize(text.encode(), add_bos=False)) or 1
-        outputs.append(text.strip())
-    seconds = time.time() - started
-    task = evaluate.classification_metrics([evaluate.parse_label(output, labels) for output in outputs], references)
-    metrics = {f"task.{name}": round(value, 5) for name, value in task.items()}
-    metrics.update(perplexity=round(masked_perplexity(llm, rows), 5), load_seconds=round(load_seconds, 3),
-                   tokens_per_second=round(generated_tokens / seconds, 1))
-    return metrics, outputs
+def agreement(predicted: list[list[int]], reference: list[list[int]], rows: list[dict] | None = None) -> float:
+    """Share of positions with the same argmax; with rows, only where an answer token is predicted
+    (the positions perplexity scores), else every position."""
+    pairs = [(a, b) for index, (row, ref) in enumerate(zip(predicted, reference)) for position, (a, b) in enumerate(zip(row, ref))
+             if rows is None or (position + 1 < len(rows[index]["labels"]) and rows[index]["labels"][position + 1] != -100)]
+    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
 
 
-def quantize(merged_dir, formats: list[str], out_dir, rows: list[dict], cfg, threads: int) -> dict:
-    """Pure core: write each requested artifact into out_dir and score it."""
-    report = {}
-    f16 = out_dir / "model-f16.gguf"
-    llamacpp.hf_to_gguf(merged_dir, f16, outtype="f16")
-    merged_bytes = sum(path.stat().st_size for path in merged_dir.glob("*.safetensors"))
-    for name in formats:
-        qtype = name.removeprefix("gguf_")
-        path = f16 if qtype == "f16" else llamacpp.quantize_gguf(f16, out_dir / f"model-{qtype}.gguf", qtype)
-        metrics, _ = score_gguf(path, rows, cfg, threads)
-        metrics.update(size_bytes=path.stat().st_size, size_ratio=round(path.stat().st_size / merged_bytes, 4))
+def tokens_per_second(model, tokenizer, prompts: list[str], new_tokens: int) -> float:
+    """Greedy decode of exactly `new_tokens` per prompt, one prompt at a time (prompt processing included)."""
+    import torch
+
+    def run(prompt):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    run(prompts[0])  # warm-up: first-call allocations are not generation speed
+    started = time.perf_counter()
+    for prompt in prompts:
+        run(prompt)
+    return len(prompts) * new_tokens / (time.perf_counter() - started)
+
+
+def score(model, tokenizer, rows: list[dict], cfg, reference_top1, new_tokens: int) -> dict:
+    """Everything measured on one loaded model, with the evaluation stage's code for task metrics and perplexity."""
+    metrics, _ = evaluate.evaluate_model(model, tokenizer, rows, cfg)
+    if reference_top1 is not None:
+        predicted = top1(model, rows)
+        metrics["top1_agreement"] = round(agreement(predicted, reference_top1), 5)  # every position: checked
+        # answer tokens only: few positions (~3 a row) and near-tied labels make it noisy; reported, not checked
+        metrics["top1_agreement_answer_tokens"] = round(agreement(predicted, reference_top1, rows), 5)
+    metrics["tokens_per_second"] = round(tokens_per_second(model, tokenizer, [row["prompt"] for row in rows[:SPEED_PROMPTS]],
+                                                           new_tokens), 1)
+    return metrics
+
+
+def folder_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(item.stat().st_size for item in path.glob("*.safetensors"))
+
+
+def load_timed(loader):
+    started = time.perf_counter()
+    loaded = loader()
+    return loaded, round(time.perf_counter() - started, 3)
+
+
+def quantize(merged_dir, formats: list[str], out_dir, rows: list[dict], train_rows: list[dict], cfg, eval_cfg,
+             threads: int) -> dict:
+    """Pure core: write each requested artifact into out_dir, load it with its client, score it.
+
+    Returns {"merged": metrics, "<format>": metrics, ...}; each format's metrics include the change
+    against the merged model (`delta.*`, `perplexity_drop_percent`) and `size_ratio`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    merged_dir, out_dir = Path(merged_dir), Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    merged, load_seconds = load_timed(lambda: AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval())
+    reference_top1 = top1(merged, rows)
+    merged_bytes = folder_bytes(merged_dir)
+    report = {"merged": {**score(merged, tokenizer, rows, eval_cfg, None, cfg.speed_new_tokens),
+                         "size_bytes": merged_bytes, "load_seconds": load_seconds}}
+    del merged
+
+    def finish(name, path, model, seconds, extra=None):
+        metrics = {**(extra or {}), **score(model, tokenizer, rows, eval_cfg, reference_top1, cfg.speed_new_tokens)}
+        reference = report["merged"]
+        metrics.update(size_bytes=folder_bytes(path), size_ratio=round(folder_bytes(path) / merged_bytes, 4),
+                       load_seconds=seconds,
+                       perplexity_drop_percent=round(100 * (metrics["perplexity"] / reference["perplexity"] - 1), 4))
+        metrics.update({f"delta.{key}": round(value - reference[key], 5) for key, value in list(metrics.items())
+                        if key.startswith("task.") and key in reference})
         report[name] = metrics
-        log.info("%s: %s", name, metrics)
-    if "gguf_f16" not in formats:
-        f16.unlink()
+        log.info("%s: %s", name, json.dumps(metrics, sort_keys=True))
+
+    ggufs = [name for name in formats if name.startswith("gguf_")]
+    if ggufs:
+        f16 = llamacpp.hf_to_gguf(merged_dir, out_dir / "model-f16.gguf", outtype="f16")
+        n_ctx = max(len(row["input_ids"]) for row in rows) + max(eval_cfg.max_new_tokens, cfg.speed_new_tokens) + 64
+        generation_config = GenerationConfig.from_pretrained(merged_dir)
+        for name in ggufs:
+            qtype = name.removeprefix("gguf_")
+            path = f16 if qtype == "f16" else llamacpp.quantize_gguf(f16, out_dir / f"model-{qtype}.gguf", qtype, threads)
+            types = llamacpp.tensor_types(path)
+            if qtype.endswith("_k_m") and not any(kind.endswith("_K") for kind in types):
+                log.warning("%s: no K-quant tensor in the file (%s): llama.cpp's K-quants need row widths that are "
+                            "multiples of 256 and fell back to legacy types; the numbers below are for those", name, types)
+            model, seconds = load_timed(lambda: llamacpp.LlamaCppLM(path, generation_config, n_ctx, threads))
+            finish(name, path, model, seconds, {f"tensor_types.{kind}": count for kind, count in types.items()})
+            del model
+        if "gguf_f16" not in formats:
+            f16.unlink()
+    if "bnb_int8" in formats:  # bitsandbytes LLM.int8(): saves and reloads exactly (nf4 saved after a CPU pass does not)
+        from transformers import BitsAndBytesConfig
+
+        device = {"device_map": "cuda:0" if torch.cuda.is_available() else "cpu"}
+        AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                             **device).save_pretrained(out_dir / "bnb_int8")
+        tokenizer.save_pretrained(out_dir / "bnb_int8")
+        model, seconds = load_timed(lambda: AutoModelForCausalLM.from_pretrained(out_dir / "bnb_int8", **device).eval())
+        finish("bnb_int8", out_dir / "bnb_int8", model, seconds)
+        del model
+    if "gptq" in formats:
+        calibration = gptq.calibration_rows(train_rows, cfg.gptq.calibration_rows, cfg.gptq.calibration_seed)
+        gptq.quantize_gptq(merged_dir, out_dir / "gptq", calibration, cfg.gptq, threads)
+        # last: loading a GPTQ model imports gptqmodel (through optimum), which patches transformers
+        model, seconds = load_timed(lambda: AutoModelForCausalLM.from_pretrained(out_dir / "gptq", dtype=torch.float32).eval())
+        finish("gptq", out_dir / "gptq", model, seconds)
     return report
+
+
+def failed_checks(report: dict, checks: dict) -> list[str]:
+    problems = []
+    for name, metrics in report.items():
+        if name == "merged":
+            continue
+        check = checks[name]
+        if not abs(metrics["perplexity_drop_percent"]) <= check.max_perplexity_drop_percent:
+            problems.append(f"{name}: perplexity changed {metrics['perplexity_drop_percent']:+.4f}% vs the merged model, "
+                            f"past quantize.checks.{name}.max_perplexity_drop_percent={check.max_perplexity_drop_percent}")
+        if not metrics["top1_agreement"] >= check.min_top1_agreement:
+            problems.append(f"{name}: top-1 agreement with the merged model {metrics['top1_agreement']:.4f} < "
+                            f"quantize.checks.{name}.min_top1_agreement={check.min_top1_agreement}")
+    return problems
+
+
+def flatten(report: dict) -> dict:
+    return {f"{name}.{key}": value for name, metrics in report.items() for key, value in metrics.items()}
+
+
+def skip_reason(merged_dir) -> str | None:
+    method = json.loads((Path(merged_dir) / "train_method.json").read_text())["method"]
+    if method == "prompt_tuning":
+        return ("prompt_tuning: the model is the base plus a soft prompt that GGUF and GPTQ cannot carry, so nothing "
+                "is quantized; deploy models/merged with its prompt_adapter/")
+    return None
 
 
 def main() -> None:
     params = setup("quantize")
     offline_by_default()
+    os.environ.setdefault("HF_HOME", str(Path.home() / ".cache" / "huggingface"))  # gptqmodel redirects it otherwise
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(params.threads)
-    rows = read_jsonl(DATA / "test.jsonl")
     merged_dir = require_complete(MERGED)
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    reference, _ = evaluate.evaluate_model(merged, AutoTokenizer.from_pretrained(merged_dir), rows, params.evaluate)
     with atomic_dir(OUT) as tmp:
-        report = quantize(merged_dir, params.quantize.formats, tmp, rows, params.evaluate, params.threads)
-    flat = {f"merged.{key}": value for key, value in reference.items()}
-    for name, metrics in report.items():
-        flat.update({f"{name}.{key}": value for key, value in metrics.items()})
-        flat[f"{name}.perplexity_drop_percent"] = round(100 * (metrics["perplexity"] / reference["perplexity"] - 1), 4)
-        flat[f"{name}.task.accuracy_drop"] = round(reference["task.accuracy"] - metrics["task.accuracy"], 5)
-    write_json(METRICS, flat)
-    log.info("quantize: %s", json.dumps(flat))
+        reason = skip_reason(merged_dir)
+        if reason:
+            log.warning("quantize skipped: %s", reason)
+            write_text(tmp / "SKIPPED.txt", reason + "\n")
+            write_json(METRICS, {"skipped": reason, "formats": params.quantize.formats})
+            return
+        report = quantize(merged_dir, params.quantize.formats, tmp, read_jsonl(DATA / "test.jsonl"),
+                          read_jsonl(DATA / "train.jsonl"), params.quantize, params.evaluate, params.threads)
+        problems = failed_checks(report, params.quantize.checks)
+        write_json(METRICS, {**flatten(report), "checks_failed": len(problems)})
+        if problems:
+            raise SystemExit("quantize: quality checks failed (metrics/quantize.json has every number):\n  - "
+                             + "\n  - ".join(problems))
+    log.info("quantize: %s", json.dumps(flatten(report)))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from conftest import ROOT
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 # `evaluate.py base` runs the same script in its baseline mode, which never touches these
-MODE_ONLY = {"evaluate_base": {"models/adapter", "metrics/eval.json", "metrics/examples.json"}}
+MODE_ONLY = {"evaluate_base": {"models/adapter", "metrics/eval.json", "metrics/examples.json", "metrics/confusion.csv"},
+             "evaluate": {"metrics/confusion_base.csv"}}
 LOCAL = {path.stem for path in (ROOT / "stages").glob("*.py")}
 
 

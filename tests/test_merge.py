@@ -1,13 +1,29 @@
-"""merge: the merged model equals the adapter model; a wrong adapter is refused."""
+"""merge: for every training method the saved model equals the trained one; plain transformers loads it."""
+import json
+import logging
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import merge
-from common import REFERENCE, save_reference_logits
+from common import REFERENCE, load_params, save_reference_logits
+
+PROMPTS = ["The capital of France is", "Two plus two is"]
+
+
+def finish(model, tokenizer, out, method, **extra):
+    """What train leaves behind: weights or adapter, tokenizer, end-of-training logits, train_method.json."""
+    save_reference_logits(model, [tokenizer(p)["input_ids"] for p in PROMPTS], out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "train_method.json").write_text(json.dumps({"method": method, "base": "builtin", **extra}))
+    return out
 
 
 def make_adapter(base_dir, out, seed):
@@ -16,40 +32,138 @@ def make_adapter(base_dir, out, seed):
     # init_lora_weights=False: random B, so the adapter really changes the outputs
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                   init_lora_weights=False)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    prompts = [tokenizer("The capital of France is")["input_ids"], tokenizer("Two plus two is")["input_ids"]]
-    save_reference_logits(peft_model, prompts, out)
-    peft_model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return finish(peft_model, AutoTokenizer.from_pretrained(base_dir), out, "lora")
 
 
-def test_merged_model_reproduces_adapter_and_loads_with_plain_transformers(tiny_base, tmp_path):
-    adapter = make_adapter(tiny_base, tmp_path / "adapter", seed=0)
-    report = merge.merge(tiny_base, adapter, "float32", 1e-4, tmp_path / "merged")
+@pytest.fixture(scope="module")
+def adapter(tiny_base, tmp_path_factory):
+    return make_adapter(tiny_base, tmp_path_factory.mktemp("lora"), seed=0)
+
+
+PLAIN = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+folder, prompt = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder)
+ids = AutoTokenizer.from_pretrained(folder)(prompt, return_tensors="pt")["input_ids"]
+generator = pipeline("text-generation", model=folder, device="cpu")
+reply = generator([{"role": "user", "content": prompt}], max_new_tokens=4, do_sample=False)[0]["generated_text"]
+print(json.dumps({"logits": model(input_ids=ids).logits[0, -1].tolist(), "reply": reply, "dtype": str(model.dtype),
+                  "project_code": [m for m in ("common", "merge", "stages") if m in sys.modules]}))
+"""
+
+
+def test_lora_merge_is_a_standalone_model_that_plain_transformers_loads(tiny_base, adapter, tmp_path):
+    card = merge.model_card(load_params(), {"method": "lora"}, {"rows_in": 10, "rows_kept": 9, "splits": {}},
+                            {"task.accuracy": 0.9, "base.task.accuracy": 0.1, "perplexity": 1.5})
+    report = merge.merge(tiny_base, adapter, "float32", 1e-4, tmp_path / "merged", max_shard_size="1MB", card=card)
     assert report["max_logit_diff_vs_adapter"] < 1e-4 and report["max_logit_diff_vs_training"] < 1e-4
-
-    ids = torch.tensor([AutoTokenizer.from_pretrained(tiny_base)("The capital of France is")["input_ids"]])
-    base_logits = AutoModelForCausalLM.from_pretrained(tiny_base)(input_ids=ids).logits
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert (merged(input_ids=ids).logits - base_logits).abs().max() > 1e-2  # the adapter did change the model
-    generator = pipeline("text-generation", model=str(tmp_path / "merged"), device="cpu")
-    text = generator("The capital of France is", max_new_tokens=5, do_sample=False)[0]["generated_text"]
-    assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
     files = {path.name for path in (tmp_path / "merged").iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= files
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+            "chat_template.jinja", "README.md", "train_method.json"} <= files
+    assert report["shards"] > 1 and not any(name.endswith(".bin") for name in files)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    generation = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.eos_token_id and generation["pad_token_id"] == tokenizer.pad_token_id
+    readme = (tmp_path / "merged" / "README.md").read_text()
+    assert "# Fine-tuned builtin (lora)" in readme and "| task.accuracy | 0.9 | 0.1 |" in readme
+    assert "base_model:" not in readme  # the model card's field is for hub ids; the built-in base has none
+
+    # a clean interpreter (-I: no cwd, no PYTHONPATH): nothing from this project can be imported
+    result = subprocess.run([sys.executable, "-I", "-c", PLAIN, str(tmp_path / "merged"), PROMPTS[0]],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain = json.loads(result.stdout.strip().splitlines()[-1])
+    assert plain["project_code"] == [] and plain["dtype"] == "torch.float32"
+    assert plain["reply"][-1]["role"] == "assistant"
+    ids = torch.tensor([tokenizer(PROMPTS[0])["input_ids"]])
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter).eval()(input_ids=ids)
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_base)(input_ids=ids).logits[0, -1]
+    assert (torch.tensor(plain["logits"]) - expected.logits[0, -1]).abs().max() < 1e-4
+    assert (torch.tensor(plain["logits"]) - base_logits).abs().max() > 1e-2  # the adapter did change the model
 
 
-def test_wrong_adapter_fails_the_merge(tiny_base, tmp_path):
-    adapter = make_adapter(tiny_base, tmp_path / "adapter", seed=0)
+def test_wrong_adapter_fails_the_merge(tiny_base, adapter, tmp_path):
+    wrong = shutil.copytree(adapter, tmp_path / "adapter")
     other = make_adapter(tiny_base, tmp_path / "other", seed=1)
-    shutil.copy(other / REFERENCE, adapter / REFERENCE)  # these weights are not what training produced
+    shutil.copy(other / REFERENCE, wrong / REFERENCE)  # these weights are not what training produced
     with pytest.raises(SystemExit, match="vs_training"):
-        merge.merge(tiny_base, adapter, "float32", 1e-4, tmp_path / "merged")
+        merge.merge(tiny_base, wrong, "float32", 1e-4, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
 
-def test_too_coarse_dtype_for_the_tolerance_fails(tiny_base, tmp_path):
-    adapter = make_adapter(tiny_base, tmp_path / "adapter", seed=0)
-    with pytest.raises(SystemExit, match="too coarse"):
-        merge.merge(tiny_base, adapter, "bfloat16", 1e-6, tmp_path / "merged")
+def test_half_precision_merge_within_its_tolerance_and_too_tight_fails(tiny_base, adapter, tmp_path):
+    report = merge.merge(tiny_base, adapter, "bfloat16", load_params().merge.atol.bfloat16, tmp_path / "merged")
+    assert 1e-4 < report["max_logit_diff_vs_adapter"] < load_params().merge.atol.bfloat16
+    weights = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+    with pytest.raises(SystemExit, match=r"merge.atol.float16=1e-06 .*too tight for float16"):
+        merge.merge(tiny_base, adapter, "float16", 1e-6, tmp_path / "merged16")
+
+
+def test_qlora_merges_into_the_dequantized_base_not_4bit_weights(tiny_base, tmp_path, caplog):
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)
+    base4 = AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=quantization, device_map="cpu")
+    model = get_peft_model(prepare_model_for_kbit_training(base4, use_gradient_checkpointing=False),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    batch = tokenizer(["The capital of France is Paris.", "Two plus two is four."], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):  # a few real QLoRA steps: the adapter learns against the 4-bit weights
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    adapter = finish(model.eval(), tokenizer, tmp_path / "qlora", "qlora", quantization_config=quantization.to_dict())
+
+    caplog.set_level(logging.INFO, logger="finetune.merge")
+    report = merge.merge(tiny_base, adapter, "float32", 1e-4, tmp_path / "merged", reference_atol=0.05)
+    assert "never into 4-bit weights" in caplog.text
+    assert report["method"] == "qlora" and report["max_logit_diff_vs_adapter"] < 1e-4
+    assert report["max_logit_diff_vs_training"] < 0.05
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not hasattr(merged.config, "quantization_config")  # a plain fp32 model
+    # the usual recipe, merging into the original fp32 weights, is further from what was trained
+    naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter).merge_and_unload()
+    assert merge.max_logit_difference(naive, merge.load_reference_logits(adapter)) > 2 * report["max_logit_diff_vs_training"]
+
+
+def test_full_fine_tune_is_saved_as_is(tiny_base, tmp_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))  # stands in for full fine-tuning
+    trained = finish(model.eval(), AutoTokenizer.from_pretrained(tiny_base), tmp_path / "full", "full")
+    report = merge.merge(tiny_base, trained, "float32", 1e-4, tmp_path / "merged")
+    assert report["method"] == "full" and report["max_logit_diff_vs_training"] < 1e-4
+    saved, original = load_file(str(tmp_path / "merged" / "model.safetensors")), load_file(str(trained / "model.safetensors"))
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+
+
+def test_prompt_tuning_passes_the_adapter_through(tiny_base, tmp_path, caplog):
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
+                           PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    adapter = finish(model, AutoTokenizer.from_pretrained(tiny_base), tmp_path / "prompt", "prompt_tuning")
+    caplog.set_level(logging.INFO, logger="finetune.merge")
+    report = merge.merge(tiny_base, adapter, "float32", 1e-4, tmp_path / "merged")
+    assert "nothing to merge" in caplog.text and report["max_logit_diff_vs_training"] < 1e-4
+    out = tmp_path / "merged"
+    assert (out / merge.PROMPT_ADAPTER / "adapter_config.json").exists() and not (out / "adapter_config.json").exists()
+    deployed = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / merge.PROMPT_ADAPTER).eval()
+    assert merge.max_logit_difference(deployed, merge.load_reference_logits(adapter)) < 1e-4
+    assert json.loads((out / "train_method.json").read_text())["method"] == "prompt_tuning"
+
+
+def test_method_is_inferred_when_train_did_not_record_it(adapter, tmp_path):
+    legacy = shutil.copytree(adapter, tmp_path / "legacy")
+    (legacy / "train_method.json").unlink()
+    assert merge.training_method(legacy)["method"] == "lora"
+    assert merge.training_method(tmp_path)["method"] == "full"  # weights, no adapter_config.json

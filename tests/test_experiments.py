@@ -1,0 +1,290 @@
+"""Experiments with the real `dvc` on ONE small copy of the pipeline (reproduced once, committed).
+
+- Which stages a param change reruns, for one param of each stage: `dvc status` (which stages a
+  change touches directly, computed without running anything) plus everything downstream of them
+  in `dvc dag`, checked against an explicit table of what must and must not rerun.
+- Two real `dvc exp run`s confirm the prediction: the stale stages rerun, nothing upstream does,
+  and a downstream stage reruns only when its inputs really changed. The evaluate param reproduces
+  every committed metric bit for bit (determinism on this machine); a dedup param that removes no
+  row reruns dedup_filter only (DVC compares the data, not the params).
+- `dvc plots show` renders every declared plot, the training curve included, in one HTML page.
+- `dvc push` to a local remote, then `dvc pull` into a fresh clone with an empty cache.
+- scripts/check_metrics.py on small synthetic metrics folders.
+"""
+import functools
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, tracked_copy
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import check_metrics  # noqa: E402
+
+BIN = str(Path(sys.executable).parent)
+ALL = {"base", "ingest", "dedup_filter", "format", "train", "evaluate_base", "evaluate", "merge", "quantize"}
+AFTER_FORMAT = {"train", "evaluate_base", "evaluate", "merge", "quantize"}
+
+# The default pipeline with small knobs: the same stages and code paths, a minute instead of an hour.
+SMALL = {"model.builtin.num_layers": 2, "model.builtin.pretrain_steps": 10, "ingest.test_fraction": 0.02,
+         "train.max_steps": 10, "train.logging_steps": 2, "evaluate.max_new_tokens": 4,
+         "evaluate.general.tasks": [], "quantize.formats": ["gguf_q8_0"], "quantize.speed_new_tokens": 4}
+
+# param, new value, stages that must rerun, stages that must not. Stages absent from both may go
+# either way: dedup_filter depends on models/base (it counts tokens with the base tokenizer), so a
+# new base reruns it, yet its data come out the same; merge depends on metrics/eval.json (its model
+# card quotes it), so it reruns when the evaluation's numbers change; quantize declares the whole
+# `evaluate` section, so evaluate.num_examples (which only shapes metrics/examples.json) reruns it.
+RERUNS = [
+    ("model.builtin.pretrain_steps", 11, {"base", "format"} | AFTER_FORMAT, {"ingest"}),
+    ("ingest.test_fraction", 0.03, ALL - {"base"}, {"base"}),
+    ("dedup_filter.near.threshold", 0.7, {"dedup_filter", "format"} | AFTER_FORMAT, {"base", "ingest"}),
+    ("format.max_seq_len", 200, {"format"} | AFTER_FORMAT, {"base", "ingest", "dedup_filter"}),
+    ("train.lora.r", 4, {"train", "evaluate", "merge", "quantize"},
+     {"base", "ingest", "dedup_filter", "format", "evaluate_base"}),
+    ("evaluate.max_new_tokens", 5, {"evaluate_base", "evaluate", "quantize"},
+     {"base", "ingest", "dedup_filter", "format", "train"}),
+    ("evaluate.num_examples", 2, {"evaluate"}, {"base", "ingest", "dedup_filter", "format", "train", "evaluate_base"}),
+    ("merge.dtype", "float16", {"merge", "quantize"}, ALL - {"merge", "quantize"}),
+    ("quantize.formats", ["gguf_q8_0", "gguf_f16"], {"quantize"}, ALL - {"quantize"}),
+]
+
+
+def sh(repo, *args, check=True):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w:]+)'", output))
+
+
+def names(entries):
+    return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries or []]
+
+
+def has_param(params: dict, dotted: str) -> bool:
+    section = params
+    for key in dotted.split("."):
+        if not isinstance(section, dict) or key not in section:
+            return False
+        section = section[key]
+    return True
+
+
+def set_param(params: dict, dotted: str, value) -> dict:
+    *path, last = dotted.split(".")
+    section = params
+    for key in path:
+        section = section[key]
+    section[last] = value
+    return params
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A fresh clone of the repo with small knobs, reproduced once and committed."""
+    repo = tracked_copy(tmp_path_factory.mktemp("experiments"))
+    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
+        for out in stage.get("outs") or []:  # cached outputs: a fresh clone does not have them
+            name, options = (next(iter(out.items())) if isinstance(out, dict) else (out, {}))
+            if (options or {}).get("cache", True):
+                subprocess.run(["rm", "-rf", str(repo / name)], check=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in SMALL.items():
+        if has_param(params, dotted):
+            set_param(params, dotted, value)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q", "-b", "main")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "small pipeline")
+    first = sh(repo, "dvc", "repro")
+    assert ran(first.stdout) >= ALL, first.stdout
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "reproduced")
+    return repo
+
+
+@functools.cache
+def downstream(repo) -> dict[str, set[str]]:
+    """stage -> the stages that depend on it, from the real `dvc dag`."""
+    edges = re.findall(r'"([\w:]+)" -> "([\w:]+)"', sh(repo, "dvc", "dag", "--dot").stdout)
+    children = {}
+    for parent, child in edges:
+        children.setdefault(parent, set()).add(child)
+    return children
+
+
+def predict(repo, dotted: str, value) -> tuple[set[str], set[str]]:
+    """(stages `dvc status` sees stale, those plus all their descendants) after setting one param."""
+    original = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(yaml.safe_dump(set_param(yaml.safe_load(original), dotted, value)))
+    try:
+        stale = set(json.loads(sh(repo, "dvc", "status", "--json").stdout))
+    finally:
+        (repo / "params.yaml").write_text(original)
+    children, reruns, todo = downstream(repo), set(stale), list(stale)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in reruns:
+                reruns.add(child)
+                todo.append(child)
+    return stale, reruns
+
+
+def restore(repo):
+    sh(repo, "git", "checkout", "-q", "--", ".")
+    sh(repo, "dvc", "checkout", "-q", "--force")
+    assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dotted, value, must, must_not", RERUNS, ids=[case[0] for case in RERUNS])
+def test_a_param_change_reruns_its_stage_and_what_follows_only(pipeline, dotted, value, must, must_not):
+    stale, reruns = predict(pipeline, dotted, value)
+    section = dotted.split(".")[0]
+    owner = {"model": "base", "evaluate": "evaluate"}.get(section, section)
+    assert "check_params" in stale and owner in stale, stale  # the param's own stage is stale by itself
+    assert must <= reruns, f"{dotted}: should rerun {sorted(must - reruns)} too"
+    assert not must_not & reruns, f"{dotted}: must not rerun {sorted(must_not & reruns)}"
+
+
+@pytest.mark.slow
+def test_exp_run_reruns_what_status_predicts_and_reproduces_the_metrics(pipeline):
+    stale, predicted = predict(pipeline, "evaluate.num_examples", 2)
+    result = sh(pipeline, "dvc", "exp", "run", "--set-param", "evaluate.num_examples=2")
+    # what `dvc status` called stale ran; what else ran is downstream of it; nothing upstream did
+    assert stale <= ran(result.stdout) <= predicted and "evaluate" in stale, (stale, predicted, result.stdout)
+    # metrics/eval.json came out identical, so merge (its model card quotes it) did not rerun
+    assert "merge" not in ran(result.stdout), result.stdout
+    assert len(json.loads((pipeline / "metrics/examples.json").read_text())) == 2
+    # evaluate, evaluate_base and quantize ran again: same params and seed, same numbers, to the bit
+    committed = check_metrics.read_revision("metrics", "HEAD", cwd=pipeline)
+    assert check_metrics.compare(committed, check_metrics.read_folder(pipeline / "metrics"), rtol=0, atol=0) == []
+    restore(pipeline)
+    # the comparison table of scripts/sweep.sh (and the README): the columns that tell the story
+    keep = re.search(r"--keep '([^']+)'", (ROOT / "scripts" / "sweep.sh").read_text()).group(1)
+    table = sh(pipeline, "dvc", "exp", "show", "--no-pager", "--md", "--drop", ".*", "--keep", keep).stdout
+    header = {cell.strip() for cell in table.splitlines()[0].split("|")}
+    assert {"Experiment", "train.method", "train.lora.r", "task.accuracy", "perplexity", "train_loss",
+            "tokens_per_second", "trainable_params", "gguf_q8_0.size_bytes"} <= header, table
+    assert len(table.strip().splitlines()) == 5, table  # header, rule, workspace, main, the experiment
+
+
+@pytest.mark.slow
+def test_a_param_that_changes_no_data_stops_the_rerun_at_its_stage(pipeline):
+    stale, predicted = predict(pipeline, "dedup_filter.max_chars", 5000)
+    assert {"dedup_filter", "format", "train"} <= predicted
+    result = sh(pipeline, "dvc", "exp", "run", "--set-param", "dedup_filter.max_chars=5000")
+    # no row is between 4000 and 5000 characters: data/clean is unchanged, so format and the
+    # rest keep their results (DVC hashes the data; the params changed only dedup_filter's lock)
+    assert ran(result.stdout) == {"check_params", "dedup_filter"}, result.stdout
+    restore(pipeline)
+
+
+@pytest.mark.slow
+def test_plots_show_renders_every_declared_plot_in_one_page(pipeline, tmp_path):
+    dvc_yaml = yaml.safe_load((pipeline / "dvc.yaml").read_text())
+    by_stage = {name: stage_name for stage_name, stage in dvc_yaml["stages"].items()
+                for name in names(stage.get("plots"))}
+    top_level = names(dvc_yaml.get("plots"))
+    files = list(by_stage) + [path for entry in dvc_yaml.get("plots") or [] if isinstance(entry, dict)
+                              for options in entry.values() for path in (options or {}).get("y", {})]
+    for path in files:  # committed to git, so `dvc plots diff main` reads main's version without a remote
+        assert sh(pipeline, "git", "ls-files", path).stdout.strip(), f"{path} is not committed: declare it cache: false"
+    assert "train" in by_stage.values(), "the train stage declares no plot"
+    shown = json.loads(sh(pipeline, "dvc", "plots", "show", "--json").stdout)
+    assert not shown.get("errors"), shown["errors"]
+    for name in list(by_stage) + top_level:
+        assert any(key == name or key.startswith(name.rstrip("/") + "/") for key in shown["data"]), f"{name} not rendered"
+    train_plots = next(name for name, stage in by_stage.items() if stage == "train")
+    curves = [plot["content"]["data"]["values"] for key, plots in shown["data"].items()
+              if key.startswith(train_plots) for plot in plots]
+    assert any(len(values) >= 5 and {"step", "loss"} <= set(values[0]) for values in curves), curves
+    page = Path(sh(pipeline, "dvc", "plots", "show", "-o", str(tmp_path / "html")).stdout.strip().removeprefix("file://"))
+    html = page.read_text()
+    assert page.name == "index.html" and train_plots in html and '"loss"' in html
+    for name in list(by_stage) + top_level:  # each plot is a <div> whose id is its name, sanitised
+        assert re.sub(r"[^A-Za-z0-9]", "_", name.rstrip("/")) in html, f"{name} missing from {page}"
+
+
+def digest(path: Path) -> str:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+
+
+@pytest.mark.slow
+def test_push_then_pull_into_a_fresh_clone(pipeline, tmp_path):
+    remote, clone = tmp_path / "remote", tmp_path / "clone"
+    sh(pipeline, "dvc", "remote", "add", "-d", "storage", str(remote))
+    sh(pipeline, "git", "commit", "-qm", "dvc remote", ".dvc/config")
+    pushed = sh(pipeline, "dvc", "push")
+    assert re.search(r"\d+ files? pushed", pushed.stdout), pushed.stdout
+    sh(tmp_path, "git", "clone", "-q", str(pipeline), str(clone))
+    outs = ["data/clean", "data/formatted", "models/base", "models/adapter", "models/merged", "models/quantized"]
+    assert not (clone / ".dvc" / "cache").exists() and not any((clone / out).exists() for out in outs)
+    sh(clone, "dvc", "pull")
+    for out in outs:
+        assert digest(clone / out) == digest(pipeline / out), out
+    assert json.loads(sh(clone, "dvc", "status", "--json").stdout) == {}  # nothing to rerun after a pull
+    sh(pipeline, "dvc", "remote", "remove", "storage")
+
+
+# --------------------------------------------------------------------------- check_metrics.py
+def write(folder: Path, files: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (folder / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    return folder
+
+
+EXPECTED = {
+    "eval.json": {"task.accuracy": 0.8674, "perplexity": 1.63239, "seed": 42, "method": "lora"},
+    "train.json": {"train_loss": 0.80016, "train_seconds": 71.9, "tokens_per_second": 4366.9, "peak_memory_mb": 690,
+                   "per_class": {"billing": [0.9, 0.8]}},
+    "train_curve.csv": "step,loss\n10,2.558\n20,1.389\n",
+    "examples.json": [{"input": "a", "finetuned": "billing"}],
+}
+
+
+def test_check_metrics_accepts_a_rerun_within_tolerance_and_ignores_timings(tmp_path):
+    expected = write(tmp_path / "expected", EXPECTED)
+    rerun = json.loads(json.dumps(EXPECTED))
+    rerun["eval.json"]["perplexity"] = 1.6331  # 0.04% off
+    rerun["eval.json"]["task.accuracy"] = 0.8674 + 1 / 181  # one flipped prediction
+    rerun["train.json"].update(train_seconds=80.2, tokens_per_second=3900.0, peak_memory_mb=692)  # the machine
+    rerun["train_curve.csv"] = "step,loss\n10,2.559\n20,1.389\n"
+    rerun["examples.json"] = [{"input": "a", "finetuned": "other"}]  # shown to humans, not a metric
+    actual = write(tmp_path / "actual", rerun)
+    assert check_metrics.main([str(expected), str(actual)]) == 0
+    assert check_metrics.main([str(expected), str(expected), "--exact"]) == 0
+    assert check_metrics.main([str(expected), str(actual), "--exact"]) == 1
+
+
+def test_check_metrics_names_every_difference(tmp_path, capsys):
+    expected = write(tmp_path / "expected", EXPECTED)
+    drifted = json.loads(json.dumps(EXPECTED))
+    drifted["eval.json"].update(perplexity=1.9, method="full")
+    del drifted["eval.json"]["seed"]
+    drifted["train.json"]["per_class"]["billing"][1] = 0.5
+    drifted["train_curve.csv"] = "step,loss\n10,2.558\n20,1.1\n"
+    del drifted["examples.json"]
+    actual = write(tmp_path / "actual", drifted)
+    assert check_metrics.main([str(expected), str(actual)]) == 1
+    out = capsys.readouterr().out
+    for line in ["eval.json: perplexity expected 1.63239, got 1.9", "eval.json: method expected 'lora', got 'full'",
+                 "eval.json: seed only in the expected metrics", "train.json: per_class.billing[1] expected 0.8, got 0.5",
+                 "train_curve.csv: [1].loss expected 1.389, got 1.1", "examples.json: only in the expected metrics"]:
+        assert line in out, out
+    assert "6 difference(s)" in out

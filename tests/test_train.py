@@ -1,0 +1,260 @@
+"""train: every method really trains; batching is exact; a killed run resumes to the same result;
+a non-finite loss stops the run and keeps the last good checkpoint; two processes train with DDP."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import train
+from common import COMPLETE, Train
+from conftest import ROOT
+
+TOPICS = {"billing": "I was charged twice for my last order", "shipping": "my parcel has not arrived after two weeks",
+          "technical": "the app crashes every time I open settings", "account": "I cannot change the email on my profile"}
+
+
+def make_rows(tokenizer, count: int, offset: int = 0) -> list[dict]:
+    """Chat-formatted examples of varied length, loss on the answer only (what format writes)."""
+    rows = []
+    for i in range(offset, offset + count):
+        label, text = list(TOPICS.items())[i % len(TOPICS)]
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Route this ticket: {text}{' please help' * (i % 6)} (#{i})"}],
+            tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(label + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data(tiny_base):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    return make_rows(tokenizer, 48), make_rows(tokenizer, 8, offset=1000)
+
+
+def quick(**overrides) -> Train:
+    settings = dict(max_steps=6, batch_size=4, logging_steps=2, checkpoint_steps=0, learning_rate=5e-3)
+    return Train(**{**settings, **overrides})
+
+
+def run_fit(tiny_base, data, tmp_path, cfg, callbacks=()):
+    torch.set_num_threads(1)
+    return train.fit(tiny_base, data[0], data[1], cfg, 42, tmp_path / "checkpoints", {"test": 1}, tmp_path / "plots",
+                     callbacks=callbacks)
+
+
+# --------------------------------------------------------------------------- batching
+def test_packing_keeps_every_example_once_within_capacity_with_its_own_positions():
+    rows = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in (5, 9, 3, 7, 2, 8, 4)]
+    packed = train.pack(rows, capacity=12)
+    assert all(len(row["input_ids"]) <= 12 for row in packed) and len(packed) == 4  # 38 tokens: 4 rows is optimal
+    segments = []
+    for row in packed:
+        starts = [i for i, position in enumerate(row["position_ids"]) if position == 0] + [len(row["position_ids"])]
+        segments += [row["position_ids"][a:b] for a, b in zip(starts, starts[1:])]
+    assert sorted(segments) == sorted(list(range(n)) for n in (5, 9, 3, 7, 2, 8, 4))  # each example once, own positions
+    assert all(row["labels"][i] == -100 for row in packed for i, p in enumerate(row["position_ids"]) if p == 0)
+    with pytest.raises(SystemExit, match="packing_length"):
+        train.pack(rows, capacity=6)
+
+
+def test_length_grouped_order_is_a_seeded_permutation_of_similar_length_batches():
+    lengths = [(i * 37) % 101 + 1 for i in range(200)]
+    sampler = train.LengthGroupedSampler(lengths, batch_size=8, seed=3, group=True, megabatches=25)
+    first = list(sampler)
+    assert sorted(first) == list(range(200)) and list(sampler) == first  # deterministic for (seed, epoch)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    spread = [max(lengths[i] for i in first[s:s + 8]) - min(lengths[i] for i in first[s:s + 8]) for s in range(0, 200, 8)]
+    assert sum(spread) / len(spread) < 5  # random batches of 8 from 1..101 spread ~70
+
+
+def test_right_padding_without_mask_and_packing_give_each_example_its_own_logits(tiny_base, data):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    rows = data[0][:5]
+    alone = [model(input_ids=torch.tensor([row["input_ids"]])).logits[0] for row in rows]
+    with torch.no_grad():
+        padded = model(input_ids=train.collate(rows, pad_id=0)["input_ids"]).logits
+        batch = train.collate(train.pack(rows, capacity=400), pad_id=0)
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    for index, row in enumerate(rows):
+        assert torch.allclose(padded[index, :len(row["input_ids"])], alone[index], atol=1e-4)
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    segments = [packed[0, a:b] for a, b in zip(starts, starts[1:])]
+    for segment in segments:  # every packed example equals one of the examples run alone
+        assert any(s.shape == a.shape and torch.allclose(s, a, atol=1e-4) for s, a in [(segment, x) for x in alone])
+
+
+# --------------------------------------------------------------------------- methods and knobs
+def changed(before: dict, model) -> float:
+    after = {name: p.detach() for name, p in model.named_parameters()}
+    return max((after[name] - value).abs().max().item() for name, value in before.items() if name in after)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "prompt_tuning"])
+def test_every_method_trains_and_saves_what_merge_needs(tiny_base, data, tmp_path, method):
+    cfg = quick(method=method)
+    trainer, tokenizer, metrics = run_fit(tiny_base, data, tmp_path, cfg)
+    assert metrics["method"] == method and metrics["steps"] == 6 and metrics["trainable_params"] > 0
+    assert 0 < metrics["trainable_percent"] <= 100 and (metrics["trainable_percent"] == 100) == (method == "full")
+    history = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert history[-1] < history[0]  # it learns, prompt tuning included (the base is pretrained)
+    assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0 and metrics["eval_loss"] > 0
+    out = tmp_path / "out"
+    out.mkdir()
+    train.save_trained(trainer, tokenizer, cfg, data[1], out)
+    files = {path.name for path in out.iterdir()}
+    weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    assert {weights, "reference_logits.safetensors", "train_method.json", "tokenizer.json"} <= files
+    recorded = json.loads((out / "train_method.json").read_text())
+    assert recorded["method"] == method and recorded["base"] == "models/base"
+    if method == "qlora":
+        assert recorded["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    reference = load_file(out / "reference_logits.safetensors")
+    virtual = cfg.prompt_tuning.num_virtual_tokens if method == "prompt_tuning" else 0
+    assert reference["logits.0"].shape[0] == reference["input_ids.0"].shape[0] + virtual
+
+
+def test_scheduler_warmup_accumulation_and_the_other_knobs_reach_the_trainer(tiny_base, data, tmp_path):
+    cfg = quick(scheduler="constant_with_warmup", warmup_ratio=0.5, gradient_accumulation_steps=2, logging_steps=1,
+                optimizer="adamw_bnb_8bit", gradient_checkpointing=True, bf16=True, packing=True, packing_length=128,
+                weight_decay=0.1, max_grad_norm=0.5)
+    trainer, _, metrics = run_fit(tiny_base, data, tmp_path, cfg)
+    args = trainer.args
+    assert (args.optim, args.activation_checkpointing, args.bf16, args.weight_decay, args.max_grad_norm) == \
+        ("adamw_bnb_8bit", True, True, 0.1, 0.5)
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert rates[0] < rates[2] and rates[3:] == [5e-3] * 3  # 3 warmup steps, then constant
+    assert metrics["steps"] == 6 and metrics["padding_fraction"] < 0.2  # packed rows are nearly full
+    assert (tmp_path / "plots" / "learning_rate.csv").read_text().count("\n") == 7
+
+
+def test_refuses_what_the_machine_cannot_do(tmp_path):
+    with pytest.raises(SystemExit, match="fp16.*CUDA"):
+        train.check_platform(quick(fp16=True), tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 96, "intermediate_size": 256}))
+    with pytest.raises(SystemExit, match="multiples of 64"):
+        train.check_platform(quick(method="qlora"), tmp_path)
+
+
+def test_params_schema_names_every_bad_training_knob():
+    with pytest.raises(Exception, match="bf16 and fp16"):
+        Train(bf16=True, fp16=True)
+    with pytest.raises(Exception, match="packing"):
+        Train(method="prompt_tuning", packing=True)
+    for bad in ({"method": "adapters"}, {"scheduler": "step"}, {"optimizer": "sgd"}, {"lora": {"bias": "some"}},
+                {"qlora": {"quant_type": "int4"}}, {"num_processes": 0}):
+        with pytest.raises(Exception):
+            Train(**bad)
+
+
+# --------------------------------------------------------------------------- never waste a run
+def test_non_finite_loss_stops_at_once_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_base, data, tmp_path):
+    from transformers import TrainerCallback
+
+    class PoisonAfterStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("inf"))
+
+    with pytest.raises(train.NonFiniteError, match="at step 4"):
+        run_fit(tiny_base, data, tmp_path, quick(checkpoint_steps=2), callbacks=[PoisonAfterStep3()])
+    assert [path.name for path in train.complete_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-2"]
+
+
+def test_checkpoints_made_under_other_settings_or_half_written_are_not_resumed(tmp_path, tiny_base, data):
+    folder = tmp_path / "checkpoints"
+    (folder / "checkpoint-4").mkdir(parents=True)  # killed while saving: no marker
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "finetune.json").write_text(json.dumps({"step": 2, "fingerprint": {"a": 1}}))
+    assert train.prepare_checkpoints(folder, {"a": 1}) == folder / "checkpoint-2"
+    assert not (folder / "checkpoint-4").exists()
+    assert train.prepare_checkpoints(folder, {"a": 2}) is None and [path.name for path in folder.iterdir()] == ["run.json"]
+
+    (tmp_path / "formatted").mkdir()
+    for name in ("train.jsonl", "eval.jsonl"):
+        (tmp_path / "formatted" / name).write_text("{}\n")
+    fingerprint = lambda cfg: train.run_fingerprint(tiny_base, tmp_path / "formatted", cfg, 42)  # noqa: E731
+    assert fingerprint(Train()) == fingerprint(Train(logging_steps=3, checkpoint_steps=7, threads=2))
+    assert fingerprint(Train()) != fingerprint(Train(lora={"r": 4}))
+    assert fingerprint(Train()) != fingerprint(Train(method="full"))
+
+
+def mini_repo(path, tiny_base, data, **train_params):
+    """The real stage layout, small: stages/, params.yaml, models/base, data/formatted."""
+    shutil.copytree(ROOT / "stages", path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    params = {"seed": 42, "threads": 1, "ingest": {"sources": [{"path": "unused.jsonl"}]},
+              "train": {"batch_size": 4, "logging_steps": 1, "learning_rate": 5e-3, **train_params}}
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(tiny_base, path / "models" / "base")
+    (path / "models" / "base" / COMPLETE).write_text("ok\n")
+    (path / "data" / "formatted").mkdir(parents=True)
+    for name, rows in zip(("train.jsonl", "eval.jsonl"), data):
+        (path / "data" / "formatted" / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (path / "data" / "formatted" / "format.json").write_text(json.dumps({"fingerprint": "test"}))
+    return path
+
+
+def stage(repo, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "stages/train.py"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(process, timeout=120) -> str:
+    output = process.communicate(timeout=timeout)[0]
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def test_a_killed_run_resumes_to_the_same_adapter_and_metrics(tmp_path, tiny_base, data):
+    settings = dict(max_steps=40, checkpoint_steps=5, eval_steps=10)
+    whole = mini_repo(tmp_path / "whole", tiny_base, data, **settings)
+    killed = mini_repo(tmp_path / "killed", tiny_base, data, **settings)
+    uninterrupted = stage(whole)
+    victim = stage(killed)
+    checkpoints = killed / "models" / "checkpoints"
+    deadline = time.time() + 120
+    while not train.complete_checkpoints(checkpoints) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert not (killed / "models" / "adapter").exists(), "the run finished before it could be killed"
+    finish(uninterrupted)
+    output = finish(stage(killed))
+    assert "resuming from" in output
+
+    expected, resumed = (json.loads((repo / "metrics" / "train.json").read_text()) for repo in (whole, killed))
+    assert resumed["resumed_from_step"] >= 5 and expected["resumed_from_step"] == 0
+    for key in ("steps", "tokens_seen", "trainable_params"):
+        assert resumed[key] == expected[key], key
+    for key in ("train_loss", "final_loss", "eval_loss"):
+        assert abs(resumed[key] - expected[key]) < 1e-5, key
+    weights = [load_file(repo / "models" / "adapter" / "adapter_model.safetensors") for repo in (whole, killed)]
+    assert weights[0].keys() == weights[1].keys()
+    assert max((weights[0][name] - weights[1][name]).abs().max().item() for name in weights[0]) < 1e-5
+    for curve in ("loss.csv", "eval_loss.csv", "learning_rate.csv"):
+        assert (whole / "metrics" / "train_plots" / curve).read_text() == (killed / "metrics" / "train_plots" / curve).read_text()
+
+
+def test_two_processes_train_with_ddp_through_accelerate(tmp_path, tiny_base, data):
+    repo = mini_repo(tmp_path / "ddp", tiny_base, data, max_steps=4, num_processes=2, checkpoint_steps=2)
+    output = finish(stage(repo), timeout=180)
+    metrics = json.loads((repo / "metrics" / "train.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["steps"] == 4, output[-2000:]
+    assert (repo / "models" / "adapter" / COMPLETE).exists()
+    assert json.loads((repo / "models" / "checkpoints" / "checkpoint-4" / "finetune.json").read_text())["step"] == 4
