@@ -55,7 +55,9 @@ def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], batch
         labels = torch.tensor([sequences[i][1] + [IGNORE] * (width - len(sequences[i][1])) for i in batch])
         mask = torch.tensor([[1] * len(sequences[i][0]) + [0] * (width - len(sequences[i][0])) for i in batch])
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        # prompt tuning prepends virtual tokens: score only the positions of the real input
+        logits = logits[:, logits.shape[1] - width:][:, :-1].float()
         targets = labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
         for position, index in enumerate(batch):
