@@ -342,7 +342,7 @@ class QualityCheck(Strict):
         return _floats(value)
 
 
-QUALITY_CHECKS = {"gguf_f16": (0.01, 0.999), "gguf_q8_0": (0.2, 0.98), "gguf_q4_0": (3.0, 0.9), "gguf_q4_k_m": (3.0, 0.9),
+QUALITY_CHECKS = {"gguf_f16": (0.01, 0.999), "gguf_q8_0": (0.2, 0.97), "gguf_q4_0": (3.0, 0.9), "gguf_q4_k_m": (3.0, 0.9),
                   "gptq": (3.0, 0.9), "bnb_int8": (0.2, 0.99)}
 
 
