@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,3 +39,21 @@ def tiny_base(tmp_path_factory):
     cfg = Builtin(pretrain_steps=20, num_layers=2)
     base.build_builtin(cfg, out)
     return out
+
+
+BIN = str(Path(sys.executable).parent)
+
+
+def sh(repo, *args, check=True):
+    """Run a command (dvc, git) in `repo` with this venv first on PATH; fail with its output."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def ran(output: str) -> set[str]:
+    """The stages `dvc repro` / `dvc exp run` really ran, from their output."""
+    return set(re.findall(r"Running stage '([\w:]+)'", output))

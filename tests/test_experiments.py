@@ -14,7 +14,6 @@
 import functools
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,12 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, tracked_copy
+from conftest import ROOT, ran, sh, tracked_copy
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import check_metrics  # noqa: E402
 
-BIN = str(Path(sys.executable).parent)
 ALL = {"base", "ingest", "dedup_filter", "format", "train", "evaluate_base", "evaluate", "merge", "quantize"}
 AFTER_FORMAT = {"train", "evaluate_base", "evaluate", "merge", "quantize"}
 
@@ -57,17 +55,6 @@ RERUNS = [
 ]
 
 
-def sh(repo, *args, check=True):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w:]+)'", output))
 
 
 def names(entries):

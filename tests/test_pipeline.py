@@ -6,36 +6,21 @@ experiment on a train param reruns train and what follows only, and a broken par
 fails fast, names the key, and loses nothing.
 """
 import json
-import os
-import subprocess
-import sys
+import re
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import tracked_copy
+from conftest import ran, sh, tracked_copy
 
 pytestmark = pytest.mark.slow
-BIN = str(Path(sys.executable).parent)
 UPSTREAM = ["check_params", "base", "ingest", "dedup_filter", "format"]
 DOWNSTREAM = ["train", "evaluate", "merge", "quantize"]
 
 
-def sh(repo, *args, check=True):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
 
 
-def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w:]+)'", output))
-
-
-import re  # noqa: E402
 
 
 @pytest.fixture(scope="module")
