@@ -29,11 +29,11 @@ def model_and_prompts(rows: int, use_adapter: bool = True):
     base, adapter = ROOT / "models" / "base", ROOT / "models" / "adapter"
     if not (base / COMPLETE).exists():
         import base as base_stage
-        from common import Builtin
+        from schema.core import section
 
         base = Path(tempfile.mkdtemp(prefix="bench-base-"))
         print(f"models/base missing: building a builtin base in {base}")
-        base_stage.build_builtin(Builtin(pretrain_steps=50), base)
+        base_stage.build_builtin(section("model.builtin", pretrain_steps=50), base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base)
     label = "base"
@@ -62,15 +62,15 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    import evaluate
+    import scoring
 
     torch.set_num_threads(args.threads)
     model, tokenizer, label, prompts = model_and_prompts(args.rows, not args.no_adapter)
-    evaluate.generate(model, tokenizer, prompts[:4], args.max_new_tokens, 4)  # warm-up
+    scoring.generate(model, tokenizer, prompts[:4], args.max_new_tokens, 4)  # warm-up
     results = {}
     for name, batch_size in (("one at a time", 1), (f"batched ({args.batch_size})", args.batch_size)):
         started = time.perf_counter()
-        outputs = evaluate.generate(model, tokenizer, prompts, args.max_new_tokens, batch_size)
+        outputs = scoring.generate(model, tokenizer, prompts, args.max_new_tokens, batch_size)
         seconds = time.perf_counter() - started
         results[name] = (len(prompts) / seconds, outputs)
         print(f"{name:>16}: {len(prompts)} prompts in {seconds:6.2f} s = {len(prompts) / seconds:7.2f} examples/s")

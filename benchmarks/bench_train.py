@@ -79,7 +79,8 @@ def main() -> None:
 
     import torch
 
-    from common import load_params, offline_by_default, read_jsonl
+    from common import offline_by_default, read_jsonl
+    from schema.core import section
 
     logging.basicConfig(level=logging.WARNING)
     os.environ["TQDM_DISABLE"] = "1"  # no progress bars between the numbers
@@ -89,7 +90,7 @@ def main() -> None:
     if not (base_dir / "config.json").exists() or not data.exists():
         raise SystemExit("needs models/base and data/formatted: run `dvc repro format` first")
     rows = read_jsonl(data)
-    cfg = load_params(ROOT / "params.yaml").train
+    cfg = section("train")
     grouped = cfg.model_copy(update={"group_by_length": True, "packing": False})
     packed = cfg.model_copy(update={"packing": True, "packing_length": 256, "batch_size": max(1, cfg.batch_size // 3)})
     runs = {}

@@ -20,16 +20,10 @@ sys.path.insert(0, str(ROOT / "stages"))
 TASKS = sorted(path.parent.name for path in (ROOT / "examples").glob("*/params.yaml"))
 
 
-def merge(base: dict, overlay: dict) -> dict:
-    merged = dict(base)
-    for key, value in overlay.items():
-        merged[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return merged
-
-
 def use(task: str, root: Path = ROOT) -> dict:
     """Apply the example to the checkout at `root`; returns the new params (validated)."""
-    from common import ParamsError, load_params
+    from check_params import load_params
+    from schema.core import ParamsError, merge
 
     if task not in TASKS:
         raise SystemExit(f"unknown example {task!r}; choose one of {', '.join(TASKS)}")

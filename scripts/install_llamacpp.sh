@@ -4,7 +4,8 @@
 # - builds llama-cpp-python from source (PyPI ships only an sdist) with a trimmed CMake config,
 #   plus sentencepiece (convert_hf_to_gguf.py imports it even for BPE vocabularies);
 # - extracts llama.cpp's convert_hf_to_gguf.py + conversion/ + its own gguf-py from the same sdist
-#   into CONVERT_DIR (default: $LLAMACPP_CONVERT_DIR or <repo>/.venv/llama.cpp). The vendored gguf-py
+#   into CONVERT_DIR (default: $LLAMACPP_CONVERT_DIR or <repo>/.venv/llama.cpp), with llama.cpp's vocab-only
+#   GGUF files of a few model families in models/ (real tokenizers, offline). The vendored gguf-py
 #   is used (put first on sys.path), never the PyPI `gguf` package, so versions always match.
 set -euo pipefail
 
@@ -29,7 +30,10 @@ sys.exit(not ok)
 EOF
 }
 
-if have_pkg && [ -f "$STAMP" ] && [ -f "$DEST/convert_hf_to_gguf.py" ]; then
+# llama.cpp's vocab-only GGUF files: the real tokenizers of the model families the tests build offline
+VOCABS="qwen2 llama-bpe llama-spm phi-3 gpt-neox"
+
+if have_pkg && [ -f "$STAMP" ] && [ -f "$DEST/convert_hf_to_gguf.py" ] && [ -f "$DEST/models/ggml-vocab-gpt-neox.gguf" ]; then
   echo "llama.cpp $VERSION already installed ($DEST)"
   exit 0
 fi
@@ -69,10 +73,12 @@ if ! have_pkg; then
 fi
 
 SRC="llama_cpp_python-$VERSION/vendor/llama.cpp"
-tar -xzf "$SDIST" -C "$WORK" "$SRC/convert_hf_to_gguf.py" "$SRC/conversion" "$SRC/gguf-py/gguf" "$SRC/LICENSE"
+tar -xzf "$SDIST" -C "$WORK" "$SRC/convert_hf_to_gguf.py" "$SRC/conversion" "$SRC/gguf-py/gguf" "$SRC/LICENSE" \
+  $(for vocab in $VOCABS; do echo "$SRC/models/ggml-vocab-$vocab.gguf"; done)
 rm -rf "$DEST.tmp"
-mkdir -p "$DEST.tmp"
+mkdir -p "$DEST.tmp/models"
 cp -r "$WORK/$SRC/convert_hf_to_gguf.py" "$WORK/$SRC/conversion" "$WORK/$SRC/gguf-py" "$WORK/$SRC/LICENSE" "$DEST.tmp/"
+cp "$WORK/$SRC"/models/ggml-vocab-*.gguf "$DEST.tmp/models/"
 touch "$DEST.tmp/$(basename "$STAMP")"
 rm -rf "$DEST"
 mv "$DEST.tmp" "$DEST"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, atomic_dir, offline_by_default, read_jsonl, seed_everything, setup, write_json
+from schema.model import ModelParams
 
 log = logging.getLogger("finetune.base")
 
@@ -138,7 +139,7 @@ def fetch(base: str, revision: str | None, out: Path) -> dict:
 
 
 def main() -> None:
-    params = setup("base")
+    params = setup("base", {"model": ModelParams})
     cfg = params.model
     if cfg.base == "builtin" or Path(cfg.base).expanduser().exists():
         offline_by_default()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common import ROOT, atomic_dir, require_complete, setup, write_json, write_text
 from minhash import DedupIndex
+from schema.dedup_filter import DedupFilter
 
 log = logging.getLogger("finetune.dedup_filter")
 
@@ -204,7 +205,7 @@ def read_records(path: Path):
 
 
 def main() -> None:
-    params = setup("dedup_filter")
+    params = setup("dedup_filter", {"dedup_filter": DedupFilter})
     from transformers import AutoTokenizer
 
     filters = Filters(params.dedup_filter, AutoTokenizer.from_pretrained(require_complete(BASE)))

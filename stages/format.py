@@ -17,6 +17,7 @@ import random
 
 from augment import Paraphraser, variants
 from common import ROOT, atomic_dir, require_complete, setup, write_json
+from schema.format import Format
 
 log = logging.getLogger("finetune.format")
 
@@ -184,7 +185,7 @@ def format_split(records, tokenizer, template: str, cfg, seed: int = 0, training
 
 
 def main() -> None:
-    params = setup("format")
+    params = setup("format", {"format": Format})
     from transformers import AutoTokenizer
 
     cfg = params.format

@@ -19,6 +19,7 @@ from array import array
 from pathlib import Path
 
 from common import ROOT, atomic_dir, setup, write_json
+from schema.ingest import Ingest
 from sources import BadRow, read_rows
 
 log = logging.getLogger("finetune.ingest")
@@ -215,7 +216,7 @@ def check_paths(sources) -> None:
 
 
 def main() -> None:
-    params = setup("ingest")
+    params = setup("ingest", {"ingest": Ingest})
     cfg = params.ingest
     check_paths(cfg.sources)
     REJECTS.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ model freshly loaded from disk and (b) the logits saved at the end of training, 
 `merge.atol[merge.dtype]` (qlora's (b): `merge.qlora_reference_atol`, as bitsandbytes' 4-bit
 kernels computed those logits). (b) catches an adapter merged into the wrong base, or a stale one.
 The folder gets safetensors (sharded past `merge.max_shard_size`), the tokenizer and chat
-template, a generation config that stops at EOS, and a model card (README.md).
+template and a generation config that stops at EOS; the model card is the `publish` stage's.
 """
 from __future__ import annotations
 
@@ -25,15 +25,14 @@ import logging
 import shutil
 from pathlib import Path
 
-from common import (REFERENCE, ROOT, atomic_dir, load_reference_logits, offline_by_default, require_complete, setup,
-                    write_json, write_text)
+from common import ROOT, atomic_dir, offline_by_default, require_complete, setup, write_json
+from reference import REFERENCE, load_reference_logits
+from schema.merge import Merge
 
 log = logging.getLogger("finetune.merge")
 
 BASE = ROOT / "models" / "base"
 ADAPTER = ROOT / "models" / "adapter"
-DATA_METRICS = ROOT / "metrics" / "data.json"
-EVAL_METRICS = ROOT / "metrics" / "eval.json"
 OUT = ROOT / "models" / "merged"
 METRICS = ROOT / "metrics" / "merge.json"
 METHOD_FILE = "train_method.json"
@@ -103,7 +102,7 @@ def fix_generation_config(model, tokenizer) -> None:
 
 
 def merge(base_dir, adapter_dir, dtype: str, atol: float, out_dir, max_shard_size: str = "2GB",
-          reference_atol: float | None = None, card: str | None = None) -> dict:
+          reference_atol: float | None = None) -> dict:
     """Pure core: build the deployable model for the training method, verify it, save it to out_dir.
 
     atol bounds |logits| differences for `dtype`; reference_atol (default atol) bounds the check
@@ -158,55 +157,27 @@ def merge(base_dir, adapter_dir, dtype: str, atol: float, out_dir, max_shard_siz
         model.save_pretrained(out_dir / PROMPT_ADAPTER)
     shards = sorted(path.name for path in out_dir.glob("*.safetensors"))
     write_json(out_dir / METHOD_FILE, {**info, "merge_dtype": dtype})
-    if card is not None:
-        write_text(out_dir / "README.md", card)
     return {**checks, "method": method, "dtype": dtype, "parameters": sum(p.numel() for p in standalone.parameters()),
             "shards": len(shards), "size_bytes": sum((out_dir / name).stat().st_size for name in shards)}
 
 
-def model_card(params, method: dict, data: dict, evaluation: dict) -> str:
-    """README.md of the model folder: what it is, how it was made, on what, and how well it does."""
-    scores = {key: value for key, value in evaluation.items() if not key.startswith("base.") and key != "seed"}
-    splits = ", ".join(f"{name} {split['rows_kept']}" for name, split in sorted(data.get("splits", {}).items()))
-    use = ("from transformers import AutoModelForCausalLM, pipeline\n\n"
-           "generator = pipeline(\"text-generation\", model=\"models/merged\")\n"
-           "print(generator([{\"role\": \"user\", \"content\": \"...\"}], max_new_tokens=32)[0][\"generated_text\"])")
-    if method["method"] == "prompt_tuning":
-        use = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-               f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"models/merged\"), "
-               f"\"models/merged/{PROMPT_ADAPTER}\")")
-    hub_base = [] if params.model.base == "builtin" or Path(params.model.base).exists() else [f"base_model: {params.model.base}"]
-    lines = ["---", *hub_base, "library_name: transformers", "pipeline_tag: text-generation",
-             f"tags: [finetune, {method['method']}]", "---", "", f"# Fine-tuned {params.model.base} ({method['method']})", "",
-             f"Written by the `merge` stage of the finetune pipeline: base `{params.model.base}`, training method "
-             f"`{method['method']}`, saved in `{params.merge.dtype}`.", "", "## Use", "", "```python", use, "```", "",
-             "## Training parameters", "", "```json", json.dumps(params.train.model_dump(), indent=2, sort_keys=True),
-             "```", "", f"Template: `{params.format.template}`, max_seq_len {params.format.max_seq_len}, seed {params.seed}.",
-             "", "## Data", "", f"{data.get('rows_in', '?')} rows in, {data.get('rows_kept', '?')} kept ({splits}); "
-             f"rejected {data.get('rejected', 0)}, removed {json.dumps(data.get('removed', {}), sort_keys=True)}.", "",
-             "## Evaluation (held-out test split)", "", "| metric | fine-tuned | base |", "|---|---|---|"]
-    lines += [f"| {key} | {value} | {evaluation.get('base.' + key, '')} |" for key, value in sorted(scores.items())
-              if not key.startswith("delta.") and key != "test_rows"]
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
-    params = setup("merge")
+    params = setup("merge", {"merge": Merge})
     offline_by_default()
     import torch
 
     torch.set_num_threads(params.threads)
     adapter = require_complete(ADAPTER)
     info = training_method(adapter)
-    card = model_card(params, info, json.loads(DATA_METRICS.read_text()), json.loads(EVAL_METRICS.read_text()))
     cfg = params.merge
     with atomic_dir(OUT) as tmp:
         report = merge(require_complete(BASE), adapter, cfg.dtype, getattr(cfg.atol, cfg.dtype), tmp, cfg.max_shard_size,
-                       reference_atol=cfg.qlora_reference_atol if info["method"] == "qlora" else None, card=card)
+                       reference_atol=cfg.qlora_reference_atol if info["method"] == "qlora" else None)
         if (adapter / "format.json").exists():
             shutil.copy(adapter / "format.json", tmp / "format.json")
     write_json(METRICS, report)
-    log.info("merge: %s", json.dumps(report))
+    log.info("merge done: %s in %s, max logit diff vs adapter %.3g (metrics/merge.json)", report["method"], report["dtype"],
+             report["max_logit_diff_vs_adapter"])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
   plain `transformers` loads it.
 - bnb_int8: bitsandbytes LLM.int8() weights, saved; plain `transformers` (+ bitsandbytes) loads them.
 
-Every artifact is scored on the test split by the evaluation stage's own `evaluate_model`
+Every artifact is scored on the test split by the same `scoring.evaluate_model` as the evaluate stage
 (task metrics, perplexity), plus top-1 agreement with the merged model (every position of the
 test sequences), size and its ratio to the merged model, load time and greedy tokens/s on this
 machine. `metrics/quantize.json` has all of it and the change against
@@ -22,10 +22,12 @@ import os
 import time
 from pathlib import Path
 
-import evaluate
 import gptq
 import llamacpp
+import scoring
 from common import ROOT, atomic_dir, offline_by_default, read_jsonl, require_complete, setup, write_json, write_text
+from schema.evaluate import Evaluate
+from schema.quantize import Quantize
 
 log = logging.getLogger("finetune.quantize")
 
@@ -73,7 +75,7 @@ def tokens_per_second(model, tokenizer, prompts: list[str], new_tokens: int) -> 
 
 def score(model, tokenizer, rows: list[dict], cfg, reference_top1, new_tokens: int) -> dict:
     """Everything measured on one loaded model, with the evaluation stage's code for task metrics and perplexity."""
-    metrics, _ = evaluate.evaluate_model(model, tokenizer, rows, cfg)
+    metrics, _ = scoring.evaluate_model(model, tokenizer, rows, cfg)
     if reference_top1 is not None:
         predicted = top1(model, rows)
         metrics["top1_agreement"] = round(agreement(predicted, reference_top1), 5)  # every position: checked
@@ -187,7 +189,7 @@ def skip_reason(merged_dir) -> str | None:
 
 
 def main() -> None:
-    params = setup("quantize")
+    params = setup("quantize", {"quantize": Quantize, "evaluate": Evaluate})
     offline_by_default()
     os.environ.setdefault("HF_HOME", str(Path.home() / ".cache" / "huggingface"))  # gptqmodel redirects it otherwise
     import torch
@@ -208,7 +210,8 @@ def main() -> None:
         if problems:
             raise SystemExit("quantize: quality checks failed (metrics/quantize.json has every number):\n  - "
                              + "\n  - ".join(problems))
-    log.info("quantize: %s", json.dumps(flatten(report)))
+    log.info("quantize done: %s (metrics/quantize.json)", ", ".join(
+        f"{name} {metrics['size_bytes'] / 2**20:.1f} MiB ppl {metrics['perplexity']}" for name, metrics in report.items()))
 
 
 if __name__ == "__main__":

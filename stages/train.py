@@ -1,11 +1,9 @@
 """train: fine-tune the base on the formatted data: full, LoRA, QLoRA or prompt tuning.
 
 The engine is the Hugging Face `Trainer` (and `accelerate launch` for more than one
-process); what this file adds is the data path and the run's safety:
+process); the batches, the training step and the callbacks live in trainer.py; this file builds
+the model, guards the run and writes the outputs:
 
-- batches of similar length (or packed rows whose examples attend only to themselves), right
-  padding without an attention mask (causal attention never looks right, so real tokens cannot
-  see the padding), and logits computed only where a label is trained;
 - checkpoints every `train.checkpoint_steps` into `models/checkpoints/` (persisted by DVC),
   each marked complete only after the Trainer finished writing it and stamped with a
   fingerprint of everything that shapes the run, so a rerun resumes exactly, and a changed
@@ -18,22 +16,18 @@ for `full`), plus `train_method.json`, `format.json` and `reference_logits.safet
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
-import inspect
 import json
 import logging
-import math
 import os
-import random
-import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from common import (ROOT, atomic_dir, offline_by_default, read_jsonl, require_complete, save_reference_logits,
-                    seed_everything, setup, write_json, write_text)
+from common import ROOT, atomic_dir, offline_by_default, read_jsonl, require_complete, seed_everything, setup, write_json
+from reference import save_reference_logits
+from schema.train import Train
 
 log = logging.getLogger("finetune.train")
 
@@ -43,7 +37,6 @@ OUT = ROOT / "models" / "adapter"
 CHECKPOINTS = ROOT / "models" / "checkpoints"
 METRICS = ROOT / "metrics" / "train.json"
 PLOTS = ROOT / "metrics" / "train_plots"
-IGNORE = -100
 TARGETS = {"attention": ["q_proj", "v_proj"], "attention_all": ["q_proj", "k_proj", "v_proj", "o_proj"],
            "all-linear": "all-linear"}
 # train params that change what is logged or kept, never the weights: a checkpoint stays valid across them
@@ -52,90 +45,6 @@ SECTION_OF = {"lora": {"lora"}, "qlora": {"lora", "qlora"}, "prompt_tuning": {"p
 # dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets); MFU is null on anything else
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
               "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12}
-PLOT_KEYS = ["loss", "learning_rate", "grad_norm", "tokens_per_second", "eval_loss"]
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-# --------------------------------------------------------------------------- data: batches and packing
-def pack(rows: list[dict], capacity: int) -> list[dict]:
-    """Best-fit-decreasing packing of examples into rows of at most `capacity` tokens. Every example
-    keeps position ids 0..n-1, from which the model builds a block-diagonal causal mask: an example
-    attends only to itself. Its first label is masked so no loss crosses a boundary."""
-    longest = max(len(row["input_ids"]) for row in rows)
-    if longest > capacity:
-        raise SystemExit(f"train.packing_length ({capacity}) is shorter than the longest example ({longest} tokens); "
-                         f"raise it to at least {longest}")
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]), i))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free tokens, bin), sorted: the tightest bin that fits is found by bisect
-    for index in order:
-        size = len(rows[index]["input_ids"])
-        slot = bisect.bisect_left(free, (size, -1))
-        if slot == len(free):
-            bins.append([index])
-            bisect.insort(free, (capacity - size, len(bins) - 1))
-        else:
-            space, target = free.pop(slot)
-            bins[target].append(index)
-            bisect.insort(free, (space - size, target))
-    packed = []
-    for members in bins:
-        row = {"input_ids": [], "labels": [], "position_ids": []}
-        for index in members:
-            example = rows[index]
-            row["input_ids"] += example["input_ids"]
-            row["labels"] += [IGNORE] + example["labels"][1:]
-            row["position_ids"] += list(range(len(example["input_ids"])))
-        packed.append(row)
-    return packed
-
-
-class LengthGroupedSampler:
-    """Index order whose consecutive `batch_size` chunks hold examples of similar length, in an order
-    shuffled from (seed, epoch) alone, so a resumed run replays exactly the batches it missed."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: bool, megabatches: int = 32):
-        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
-        self.megabatch = batch_size * megabatches
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        rng = random.Random(self.seed * 100_003 + self.epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        if not self.group:
-            return iter(order)
-        batches = []
-        for start in range(0, len(order), self.megabatch):
-            chunk = sorted(order[start:start + self.megabatch], key=lambda i: self.lengths[i])
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        last = batches.pop() if len(batches[-1]) < self.batch_size else None  # a short batch stays last
-        rng.shuffle(batches)
-        return iter([index for batch in batches + ([last] if last else []) for index in batch])
-
-
-def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right padding and no attention mask: under causal attention no real token sees a later pad."""
-    import torch
-
-    width = max(len(example["input_ids"]) for example in examples)
-    batch = {"input_ids": torch.tensor([e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in examples]),
-             "labels": torch.tensor([e["labels"] + [IGNORE] * (width - len(e["labels"])) for e in examples])}
-    if "position_ids" in examples[0]:  # the padding tail is a segment of its own
-        batch["position_ids"] = torch.tensor([e["position_ids"] + list(range(width - len(e["position_ids"])))
-                                              for e in examples])
-    batch["num_real_tokens"] = torch.tensor(sum(len(e["input_ids"]) for e in examples))
-    return batch
-
 
 # --------------------------------------------------------------------------- model
 def check_platform(cfg, base_dir: Path) -> None:
@@ -268,13 +177,10 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    found = [path for path in Path(folder).glob("checkpoint-*") if (path / "finetune.json").exists()]
-    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
-
-
 def prepare_checkpoints(folder: Path, fingerprint: dict) -> Path | None:
     """Drop incomplete checkpoints and ones made under another fingerprint; return the newest to resume."""
+    from trainer import complete_checkpoints
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for path in folder.iterdir():
@@ -297,164 +203,14 @@ def prepare_checkpoints(folder: Path, fingerprint: dict) -> Path | None:
     return None
 
 
-# --------------------------------------------------------------------------- the trainer
-def make_trainer(model, tokenizer, train_rows, eval_rows, cfg, seed, checkpoint_dir, fingerprint, plots_dir,
-                 callbacks=()):
-    import torch
-    import torch.nn.functional as F
-    from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
-
-    cuda = torch.cuda.is_available()
-    virtual_tokens = cfg.prompt_tuning.num_virtual_tokens if cfg.method == "prompt_tuning" else 0
-    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    keep_logits = "logits_to_keep" in inspect.signature(base_model.forward).parameters
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # any id: pads are never attended
-
-    class FinetuneTrainer(Trainer):
-        loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated step
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch
-            self.session_tokens = [0, 0]  # real, processed (with padding) in this process run
-
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            return LengthGroupedSampler([len(row["input_ids"]) for row in dataset], self.args.per_device_train_batch_size,
-                                        seed, cfg.group_by_length or cfg.packing)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # use_cache=False: with a cache the model ignores the packed segments in position_ids
-            labels, real = inputs.pop("labels"), inputs.pop("num_real_tokens")
-            targets = labels[:, 1:]
-            if keep_logits:  # logits (and their backward) only at positions whose next token is trained
-                keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
-                outputs = model(**inputs, use_cache=False, logits_to_keep=keep + virtual_tokens)
-                logits, targets = outputs.logits, targets[:, keep]
-            else:
-                outputs = model(**inputs, use_cache=False)
-                logits = outputs.logits[:, virtual_tokens:-1]
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=IGNORE, reduction="sum")
-            if num_items_in_batch is None:
-                loss = loss / (targets != IGNORE).sum().clamp(min=1)
-            else:
-                loss = loss / num_items_in_batch
-                if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                    loss = loss * self.args.world_size  # DDP averages gradients over processes
-            if model.training:
-                counts = torch.stack([real.to(labels.device), torch.tensor(labels.numel(), device=labels.device)])
-                if self.args.world_size > 1:
-                    counts = self.accelerator.gather(counts[None]).sum(0)
-                self.state.num_input_tokens_seen += int(counts[0])
-                self.session_tokens = [self.session_tokens[0] + int(counts[0]), self.session_tokens[1] + int(counts[1])]
-                if self.args.world_size == 1 and not torch.isfinite(loss):  # with DDP the grad norm check catches it
-                    raise NonFiniteError(f"train: loss is {loss.item()} at step {self.state.global_step + 1}")
-            return (loss, outputs) if return_outputs else loss
-
-        def _get_grad_norm(self, model, grad_norm=None):
-            grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-            if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                raise NonFiniteError(f"train: gradient norm is {float(grad_norm)} at step {self.state.global_step + 1}")
-            return grad_norm
-
-    class Observer(TrainerCallback):
-        """Curves, one log line per logging step, a final log at the last step, completeness markers."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.last = (time.time(), state.num_input_tokens_seen)
-            if state.is_world_process_zero:
-                write_plots(state.log_history, plots_dir)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= state.max_steps:
-                control.should_log = True
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            entry = state.log_history[-1]
-            if "loss" in entry:
-                now, tokens = time.time(), state.num_input_tokens_seen
-                entry["tokens_per_second"] = round((tokens - self.last[1]) / max(now - self.last[0], 1e-9), 1)
-                entry["num_input_tokens_seen"] = tokens
-                self.last = (now, tokens)
-            if not state.is_world_process_zero:
-                return
-            if "loss" in entry:
-                log.info("step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %.0f tokens/s  rss %d MiB", state.global_step,
-                         state.max_steps, entry["loss"], entry.get("learning_rate", 0), entry.get("grad_norm", 0),
-                         entry["tokens_per_second"], peak_rss_mb())
-            if "eval_loss" in entry:
-                log.info("step %d  eval_loss %.4f", state.global_step, entry["eval_loss"])
-            if "loss" in entry or "eval_loss" in entry:
-                append_plots(entry, plots_dir)
-
-        def on_save(self, args, state, control, **kwargs):
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if args.world_size > 1:
-                torch.distributed.barrier()  # every process has written its RNG state
-            if state.is_world_process_zero:
-                write_json(path / "finetune.json", {"step": state.global_step, "fingerprint": fingerprint})
-                for old in complete_checkpoints(args.output_dir)[:-cfg.keep_checkpoints]:
-                    shutil.rmtree(old)
-
-    class QuietProgress(ProgressCallback):  # the bar stays; the raw dict per log goes (Observer logs a line)
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            pass
-
-    saving = cfg.checkpoint_steps > 0
-    args = TrainingArguments(
-        output_dir=str(checkpoint_dir), seed=seed, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_epochs,
-        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr_scheduler_type=cfg.scheduler,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio (warmup_ratio is gone)
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optimizer, bf16=cfg.bf16,
-        fp16=cfg.fp16, activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        logging_steps=cfg.logging_steps, logging_nan_inf_filter=False,
-        save_strategy="steps" if saving else "no", save_steps=cfg.checkpoint_steps if saving else 500,
-        eval_strategy="steps" if cfg.eval_steps and eval_rows else "no", eval_steps=cfg.eval_steps or None,
-        report_to=[], use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=False, remove_unused_columns=False,
-        label_names=["labels"], prediction_loss_only=True, ddp_find_unused_parameters=False, save_only_model=False,
-    )
-    trainer = FinetuneTrainer(model=model, args=args, processing_class=tokenizer,
-                              train_dataset=pack(train_rows, cfg.packing_length) if cfg.packing else train_rows,
-                              eval_dataset=sorted(eval_rows, key=lambda row: len(row["input_ids"])) or None,
-                              data_collator=lambda examples: collate(examples, pad_id),
-                              callbacks=[Observer(), *callbacks])
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(QuietProgress())
-    return trainer
-
-
-def append_plots(entry: dict, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for key in PLOT_KEYS:
-        if entry.get(key) is not None:
-            path = folder / f"{key}.csv"
-            header = "" if path.exists() and path.stat().st_size else f"step,{key}\n"
-            with open(path, "a", encoding="utf-8") as handle:  # live, for a look during the run
-                handle.write(f"{header}{entry['step']},{entry[key]}\n")
-
-
-def write_plots(history: list[dict], folder: Path) -> None:
-    """The curves rebuilt from the Trainer's log history (restored with a checkpoint), so a resumed
-    run ends with the same curves as an uninterrupted one."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for key in PLOT_KEYS:
-        rows = [f"{entry['step']},{entry[key]}\n" for entry in history if entry.get(key) is not None]
-        write_text(folder / f"{key}.csv", f"step,{key}\n" + "".join(rows))
-
-
-def peak_rss_mb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
-
-
 def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int, checkpoint_dir, fingerprint: dict,
         plots_dir, resume_from=None, callbacks=()) -> tuple:
     """Pure core: train on explicit rows; returns (trainer, tokenizer, metrics). Nothing is written
     except checkpoints into `checkpoint_dir` and the curves."""
     import torch
     from transformers import AutoTokenizer
+
+    from trainer import make_trainer, peak_rss_mb
 
     started = time.time()
     seed_everything(seed, torch.get_num_threads())
@@ -503,23 +259,16 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
 
 
 # --------------------------------------------------------------------------- outputs
-def save_trained(trainer, tokenizer, cfg, eval_rows: list[dict], out_dir: Path) -> None:
+def save_trained(trainer, tokenizer, cfg, eval_rows: list[dict], out_dir: Path, recipe: dict | None = None) -> None:
     """What later stages need, for every method: the trained weights (adapter, or the whole model
-    for `full`), the tokenizer, `train_method.json` and the reference logits merge checks against."""
-    import torch
-
+    for `full`), the tokenizer, `train_method.json` (with the `recipe`: the settings that shaped the
+    weights, which the model card quotes) and the reference logits merge checks against."""
     model = trainer.model.eval()
-
-    class OnModelDevice:  # the common helper feeds CPU tensors; the model may sit on a GPU
-        def __call__(self, input_ids):
-            return type("Output", (), {"logits": model(input_ids=input_ids.to(model.device)).logits.float().cpu()})
-
     # the logits are what the model returns: for prompt tuning, the virtual positions come first (as merge sees them)
-    with torch.no_grad():
-        save_reference_logits(OnModelDevice(), [row["input_ids"][:64] for row in eval_rows[:4]], out_dir)
+    save_reference_logits(model, [row["input_ids"][:64] for row in eval_rows[:4]], out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    method = {"method": cfg.method, "base": "models/base"}
+    method = {"method": cfg.method, "base": "models/base", **({"recipe": recipe} if recipe else {})}
     if cfg.method == "qlora":  # what merge needs to de-quantize the base exactly as training saw it
         quantization = model.get_base_model().config.quantization_config
         method["quantization_config"] = quantization if isinstance(quantization, dict) else quantization.to_dict()
@@ -546,7 +295,7 @@ def launch_processes(cfg, threads: int) -> int:
 
 
 def main() -> None:
-    params = setup("train")
+    params = setup("train", {"train": Train})
     offline_by_default()
     cfg = params.train
     threads = cfg.threads or params.threads
@@ -554,6 +303,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(threads)
+    from trainer import NonFiniteError, complete_checkpoints, write_plots
+
     base_dir = require_complete(BASE)
     check_platform(cfg, base_dir)
     fingerprint = run_fingerprint(base_dir, DATA, cfg, params.seed)
@@ -574,11 +325,15 @@ def main() -> None:
     if not trainer.is_world_process_zero():
         return
     with atomic_dir(OUT) as tmp:
-        save_trained(trainer, tokenizer, cfg, eval_rows or train_rows, tmp)
+        recipe = {"base": json.loads((base_dir / "base.json").read_text()).get("source") if (base_dir / "base.json").exists()
+                  else None, "seed": params.seed, "train": fingerprint["train"]}
+        save_trained(trainer, tokenizer, cfg, eval_rows or train_rows, tmp, recipe)
         write_json(tmp / "format.json", {"fingerprint": json.loads((DATA / "format.json").read_text())["fingerprint"]})
     write_plots(trainer.state.log_history, PLOTS)
     write_json(METRICS, metrics)
-    log.info("train done: %s", json.dumps(metrics))
+    log.info("train done: %d steps, train_loss %.4f, eval_loss %s, %s tokens/s, peak %d MiB (metrics/train.json)",
+             metrics["steps"], metrics["train_loss"], metrics["eval_loss"], metrics["tokens_per_second"],
+             metrics["peak_memory_mb"])
 
 
 if __name__ == "__main__":

@@ -32,11 +32,11 @@ def tiny_base(tmp_path_factory):
     import torch
 
     import base
-    from common import Builtin
+    from schema.core import section
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("base")
-    cfg = Builtin(pretrain_steps=20, num_layers=2)
+    cfg = section("model.builtin", pretrain_steps=20, num_layers=2)
     base.build_builtin(cfg, out)
     return out
 
@@ -44,10 +44,11 @@ def tiny_base(tmp_path_factory):
 BIN = str(Path(sys.executable).parent)
 
 
-def sh(repo, *args, check=True):
+def sh(repo, *args, check=True, env=None):
     """Run a command (dvc, git) in `repo` with this venv first on PATH; fail with its output."""
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           **(env or {})}
     result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

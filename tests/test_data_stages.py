@@ -7,11 +7,14 @@ import pytest
 import dedup_filter
 import format as fmt
 import ingest
-from common import ROOT, DedupFilter, Format, Ingest, Source, load_params
+from check_params import load_params
+from common import ROOT
+from schema.core import ParamsError, section
+from schema.ingest import Source
 
 
 def run_sources(tmp_path, sources, seed=1, **split):
-    cfg = Ingest(sources=sources, **{"eval_fraction": 0.1, "test_fraction": 0.1, **split})
+    cfg = section("ingest", sources=sources, **{"eval_fraction": 0.1, "test_fraction": 0.1, **split})
     out = tmp_path / "ingested"
     out.mkdir(exist_ok=True)
     summary = ingest.ingest(cfg.sources, seed, cfg, out, tmp_path / "rejects.jsonl", root=tmp_path)
@@ -173,7 +176,7 @@ def test_dedup_exact_near_cross_split_and_accounting(chunk_size):
                       "the same test sentence about oranges and pears"], "eval"),
         "test": chat(["a" + sentence[3:], "a new test sentence about oranges and pears", "The same test sentence about oranges and pears!"], "test"),
     }
-    cfg = DedupFilter(min_chars=5)
+    cfg = section("dedup_filter", min_chars=5)
     kept, removed, result = run_dedup(splits, cfg, chunk_size=chunk_size)
     assert [r["id"] for r in kept["train"]] == ["train:0", "train:3", "train:4"]  # 3 words changed: kept
     assert removed["train"] == {"exact_duplicate": 1, "near_duplicate": 1, "too_short": 1}
@@ -186,7 +189,7 @@ def test_dedup_exact_near_cross_split_and_accounting(chunk_size):
     with pytest.raises(SystemExit, match="accounting mismatch"):
         dedup_filter.account(result["splits"], {"rows_in": 16, "rejected": 3})
 
-    off = DedupFilter(min_chars=5, exact=False, near={"enabled": False})
+    off = section("dedup_filter", min_chars=5, exact=False, near={"enabled": False})
     assert len(run_dedup(splits, off)[0]["train"]) == 5
 
 
@@ -203,10 +206,10 @@ def test_each_quality_filter_and_turning_it_off(tmp_path, tiny_base):
             english]
     cfg = {"min_chars": 6, "max_chars": 50, "min_tokens": 0, "max_tokens": 80,
            "toxicity": {"word_list": "data/filters/words.txt"}}
-    kept, removed, result = run_dedup({"train": chat(rows, "train", answer="")}, DedupFilter(**cfg), tokenizer, tmp_path)
+    kept, removed, result = run_dedup({"train": chat(rows, "train", answer="")}, section("dedup_filter", **cfg), tokenizer, tmp_path)
     assert removed["train"] == {"too_short": 1, "too_long": 6}  # max_chars first: most rows are longer than 50
     cfg["max_chars"] = None
-    kept, removed, result = run_dedup({"train": chat(rows, "train", answer="")}, DedupFilter(**cfg), tokenizer, tmp_path)
+    kept, removed, result = run_dedup({"train": chat(rows, "train", answer="")}, section("dedup_filter", **cfg), tokenizer, tmp_path)
     assert removed["train"] == {"too_short": 1, "too_many_tokens": 1, "wrong_language": 1, "toxic": 2}
     assert [record["id"] for record in kept["train"]] == ["train:1", "train:6"]
     lengths = result["lengths"]
@@ -215,12 +218,12 @@ def test_each_quality_filter_and_turning_it_off(tmp_path, tiny_base):
     assert csv_lines[:3] == ["tokens,before,after", "0,1,0", "8,0,0"] and csv_lines[-1] == "88,1,0"  # gaps as zeros
 
     cfg.update(min_tokens=25, max_tokens=None)
-    assert run_dedup({"train": chat(rows, "train", answer="")}, DedupFilter(**cfg), tokenizer, tmp_path)[1]["train"] == {
+    assert run_dedup({"train": chat(rows, "train", answer="")}, section("dedup_filter", **cfg), tokenizer, tmp_path)[1]["train"] == {
         "too_short": 1, "too_few_tokens": 1, "wrong_language": 1, "toxic": 2}
-    off = DedupFilter(min_chars=0, max_chars=None, language={"enabled": False}, toxicity={"enabled": False})
+    off = section("dedup_filter", min_chars=0, max_chars=None, language={"enabled": False}, toxicity={"enabled": False})
     assert len(run_dedup({"train": chat(rows, "train", answer="")}, off, tokenizer, tmp_path)[0]["train"]) == 7
     with pytest.raises(SystemExit, match="language.allowed: unknown language code"):
-        dedup_filter.Filters(DedupFilter(language={"allowed": ["xx"]}))
+        dedup_filter.Filters(section("dedup_filter", language={"allowed": ["xx"]}))
 
 
 def test_toxicity_classifier_path_with_a_tiny_local_model(tmp_path, tiny_base):
@@ -236,9 +239,9 @@ def test_toxicity_classifier_path_with_a_tiny_local_model(tmp_path, tiny_base):
     AutoTokenizer.from_pretrained(tiny_base).save_pretrained(tmp_path / "clf")
     rows = chat(["my parcel has not arrived yet", "the app crashes when I log in", "please refund my order"], "train")
     toxicity = {"word_list": None, "model": str(tmp_path / "clf")}
-    removed = run_dedup({"train": rows}, DedupFilter(toxicity={**toxicity, "labels": ["neutral", "toxic"]}))[1]
+    removed = run_dedup({"train": rows}, section("dedup_filter", toxicity={**toxicity, "labels": ["neutral", "toxic"]}))[1]
     assert removed["train"] == {"toxic": 3}  # two labels cover the whole probability mass: one is >= 0.5
-    assert run_dedup({"train": rows}, DedupFilter(toxicity={**toxicity, "labels": ["other"]}))[1]["train"] == {}
+    assert run_dedup({"train": rows}, section("dedup_filter", toxicity={**toxicity, "labels": ["other"]}))[1]["train"] == {}
 
 
 def test_accounting_on_the_real_default_data(tmp_path, tiny_base):
@@ -290,11 +293,11 @@ def test_format_masks_prompt_and_places_special_tokens(tokenizer):
     everything = fmt.format_record(TWO_TURNS, tokenizer, template, None, train_on_prompt=True)
     assert everything["labels"] == everything["input_ids"] == ids
 
-    rows, counts = fmt.format_split([TWO_TURNS], tokenizer, template, Format(max_seq_len=12))
+    rows, counts = fmt.format_split([TWO_TURNS], tokenizer, template, section("format", max_seq_len=12))
     assert (counts["truncated"], counts["dropped_no_target"], counts["rows_out"]) == (1, 1, 0)
-    rows, counts = fmt.format_split([TWO_TURNS], tokenizer, template, Format(max_seq_len=12, overflow="drop"))
+    rows, counts = fmt.format_split([TWO_TURNS], tokenizer, template, section("format", max_seq_len=12, overflow="drop"))
     assert (counts["dropped_too_long"], counts["truncated"], counts["rows_out"]) == (1, 0, 0)
-    rows, counts = fmt.format_split([TWO_TURNS], tokenizer, template, Format(max_seq_len=40))
+    rows, counts = fmt.format_split([TWO_TURNS], tokenizer, template, section("format", max_seq_len=40))
     assert counts["truncated"] == 1 and len(rows[0]["input_ids"]) == 40 and trained_text(tokenizer, rows[0]).startswith("Paris")
 
     alpaca = fmt.format_record(TWO_TURNS, tokenizer, fmt.resolve_template("alpaca", tokenizer), "Be brief.", False)
@@ -342,17 +345,17 @@ def test_pad_token_is_never_eos(tiny_base):
 def test_source_weights_and_augmentation_apply_to_training_rows_only(tokenizer):
     template = fmt.resolve_template("tokenizer", tokenizer)
     records = [{**TWO_TURNS, "id": f"r{i}", "weight": weight} for i, weight in enumerate([2.0] * 3 + [0.5] * 40)]
-    rows, counts = fmt.format_split(records, tokenizer, template, Format(), seed=1, training=True)
+    rows, counts = fmt.format_split(records, tokenizer, template, section("format"), seed=1, training=True)
     assert counts["oversampled"] == 3 and 10 < counts["undersampled"] < 30
     assert counts["rows_out"] == 6 + 40 - counts["undersampled"]
     assert [row["id"] for row in rows[:2]] == ["r0", "r0#copy1"]
-    again, _ = fmt.format_split(records, tokenizer, template, Format(), seed=1, training=True)
+    again, _ = fmt.format_split(records, tokenizer, template, section("format"), seed=1, training=True)
     assert again == rows  # deterministic
-    assert fmt.format_split(records, tokenizer, template, Format(), seed=1)[1]["rows_out"] == 43  # eval/test: as is
+    assert fmt.format_split(records, tokenizer, template, section("format"), seed=1)[1]["rows_out"] == 43  # eval/test: as is
 
     augment = {"enabled": True, "copies": 2, "instruction_templates": ["Task: {instruction}"],
                "system_prompts": ["You route tickets."]}
-    rows, counts = fmt.format_split(records[:1], tokenizer, template, Format(augment=augment), seed=1, training=True)
+    rows, counts = fmt.format_split(records[:1], tokenizer, template, section("format", augment=augment), seed=1, training=True)
     assert counts["augmented"] == 2 and [row["id"] for row in rows] == ["r0", "r0#copy1", "r0#aug1", "r0#aug2"]
     assert tokenizer.decode(rows[2]["input_ids"]).startswith(
         "<|bos|><|im_start|>system\nYou route tickets.<|im_end|>\n<|im_start|>user\nTask: What is the capital")
@@ -362,7 +365,7 @@ def test_source_weights_and_augmentation_apply_to_training_rows_only(tokenizer):
 def test_paraphrase_augmentation_with_a_local_generator(tokenizer, tiny_base):
     from augment import Paraphraser
 
-    cfg = Format(augment={"enabled": True, "model": str(tiny_base), "max_new_tokens": 6, "temperature": 0.0,
+    cfg = section("format", augment={"enabled": True, "model": str(tiny_base), "max_new_tokens": 6, "temperature": 0.0,
                           "instruction_templates": ["{instruction}"]})
     paraphraser = Paraphraser(cfg.augment, seed=0)
     outputs = paraphraser(["Where is my parcel?", "Refund my order please."])
@@ -375,8 +378,6 @@ def test_paraphrase_augmentation_with_a_local_generator(tokenizer, tiny_base):
 
 def test_bad_data_params_are_reported_by_key_path(tmp_path):
     import yaml
-
-    from common import ParamsError
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["ingest"]["sources"][0]["format"] = "csv"

@@ -1,60 +1,102 @@
-"""dvc.yaml tells the truth: what each stage script reads and writes is declared.
+"""dvc.yaml tells the truth: what each stage script imports and writes is declared, exactly.
 
-Static check over the stage sources: every `params.<section>` a stage touches is in its
-`params`, every repo path it names (`ROOT / "a" / "b"`) lies under one of its deps or outs,
-and every local module it imports (transitively) is a dep, so editing it reruns the stage.
+- Code deps: every local module a stage imports (transitively, following `import` statements
+  anywhere in the file, packages included) is a dep, and no other `stages/` file is: editing a
+  module reruns exactly the stages that import it.
+- Paths: every repo path a stage names (`ROOT / "a" / "b"`) lies under one of its deps or outs.
+- Names: no module under stages/ shadows an installed package (`import evaluate` is Hugging Face's).
+The params keys each stage really reads are checked against its `params:` by
+tests/test_experiments.py, which runs every stage through the real `dvc` with a trace.
 """
-import re
+import ast
+import importlib.util
+import os
+import subprocess
+import sys
 
 import yaml
 
 from conftest import ROOT
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-# `evaluate.py base` runs the same script in its baseline mode, which never touches these
+# `evaluation.py base` runs the same script in its baseline mode, which never touches these
 MODE_ONLY = {"evaluate_base": {"models/adapter", "metrics/eval.json", "metrics/examples.json", "metrics/confusion.csv"},
              "evaluate": {"metrics/confusion_base.csv"}}
-LOCAL = {path.stem for path in (ROOT / "stages").glob("*.py")}
 
 
 def names(entries):
     return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries or []]
 
 
-def local_imports(module, seen=None):
-    seen = seen if seen is not None else set()
-    source = (ROOT / "stages" / f"{module}.py").read_text()
-    for name in re.findall(r"^\s*(?:from|import) (\w+)", source, re.MULTILINE):
-        if name in LOCAL and name not in seen:
-            seen.add(name)
-            local_imports(name, seen)
+def module_files(dotted: str) -> list[str]:
+    """The files under stages/ that importing `dotted` executes (each package's __init__ on the way)."""
+    files, folder = [], ROOT / "stages"
+    for part in dotted.split("."):
+        if (folder / part / "__init__.py").exists():
+            folder = folder / part
+            files.append(folder / "__init__.py")
+        elif (folder / f"{part}.py").exists():
+            files.append(folder / f"{part}.py")
+            break
+        else:
+            break
+    return [str(path.relative_to(ROOT)) for path in files]
+
+
+def local_imports(path: str, seen: set | None = None) -> set[str]:
+    seen = seen if seen is not None else {path}
+    for node in ast.walk(ast.parse((ROOT / path).read_text())):
+        if isinstance(node, ast.Import):
+            dotted = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            dotted = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in dotted:
+            for found in module_files(name):
+                if found not in seen:
+                    seen.add(found)
+                    local_imports(found, seen)
     return seen
 
 
-def script(stage):
-    match = re.match(r"python stages/(\w+)\.py", stage["cmd"])
-    assert match, stage["cmd"]
-    return match.group(1)
+def script(stage) -> str:
+    return next(word for word in stage["cmd"].split() if word.startswith("stages/"))
 
 
-def test_every_stage_declares_its_code_params_and_paths():
+def test_code_deps_are_exactly_the_modules_each_stage_imports():
     problems = []
     for name, stage in STAGES.items():
-        module = script(stage)
-        source = (ROOT / "stages" / f"{module}.py").read_text()
+        imported = local_imports(script(stage))
+        declared = {dep for dep in names(stage.get("deps")) if dep.startswith("stages/")}
+        problems += [f"{name}: imports {path} but does not declare it" for path in sorted(imported - declared)]
+        problems += [f"{name}: declares {path} but never imports it" for path in sorted(declared - imported)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_import_follower_sees_lazy_and_package_imports():
+    quantize = local_imports("stages/quantize.py")
+    assert {"stages/sandbox.py", "stages/schema/core.py", "stages/schema/__init__.py"} <= quantize  # sandbox: inside a function
+    assert "stages/evaluation.py" not in quantize and "stages/schema/train.py" not in quantize
+
+
+def test_every_path_a_stage_names_is_a_dep_or_an_out():
+    problems = []
+    for name, stage in STAGES.items():
         deps = names(stage.get("deps"))
         outs = names(stage.get("outs")) + names(stage.get("metrics")) + names(stage.get("plots"))
-        for needed in {module} | local_imports(module):
-            if f"stages/{needed}.py" not in deps:
-                problems.append(f"{name}: stages/{needed}.py is used but not a dep")
-        if name == "check_params":
-            continue
-        declared = {param.split(".")[0] for param in names(stage.get("params"))}
-        for section in set(re.findall(r"\bparams\.([a-z_]+)", source)):
-            if section not in declared:
-                problems.append(f"{name}: reads params.{section} but does not declare it")
-        for chain in re.findall(r"ROOT((?:\s*/\s*\"[^\"]+\")+)", source):
-            path = "/".join(re.findall(r"\"([^\"]+)\"", chain))
+        tree = ast.parse((ROOT / script(stage)).read_text())
+        inner = {id(node.left) for node in ast.walk(tree) if isinstance(node, ast.BinOp)}
+        for node in ast.walk(tree):  # ROOT / "a" / "b" -> a/b (whole chains only)
+            if id(node) in inner:
+                continue
+            parts = []
+            while isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant):
+                parts.insert(0, node.right.value)
+                node = node.left
+            if not (parts and isinstance(node, ast.Name) and node.id == "ROOT"):
+                continue
+            path = "/".join(parts)
             if path in MODE_ONLY.get(name, ()):
                 continue
             if not any(path == item or path.startswith(item.rstrip("/") + "/") for item in deps + outs):
@@ -67,7 +109,26 @@ def test_params_sections_exist_and_outputs_have_one_owner():
     owners = {}
     for name, stage in STAGES.items():
         for param in names(stage.get("params")):
-            assert param.split(".")[0] in params, f"{name}: declares unknown param {param}"
+            section = params
+            for key in param.split("."):
+                assert isinstance(section, dict) and key in section, f"{name}: declares unknown param {param}"
+                section = section[key]
         for out in names(stage.get("outs")) + names(stage.get("metrics")) + names(stage.get("plots")):
             assert out not in owners, f"{out} written by both {owners[out]} and {name}"
             owners[out] = name
+
+
+def test_no_stage_module_shadows_an_installed_package():
+    stage_dir = str(ROOT / "stages")
+    modules = sorted({path.stem for path in (ROOT / "stages").glob("*.py")} | {"schema"})
+    # without stages/ on the path: none of these names may be importable from the environment
+    probe = ("import importlib.util, json, sys; sys.path = [p for p in sys.path if p and p != %r]; "
+             "print(json.dumps({m: bool(importlib.util.find_spec(m)) for m in %r}))") % (stage_dir, modules)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd="/", check=True)
+    shadowing = [name for name, exists in yaml.safe_load(found.stdout).items() if exists]
+    assert not shadowing, f"stages/ modules that shadow installed packages: {shadowing}"
+    # and with stages/ first on the path, as every stage runs, `evaluate` is Hugging Face's package
+    assert stage_dir in sys.path
+    spec = importlib.util.find_spec("evaluate")
+    assert spec is not None and "site-packages" in spec.origin, spec

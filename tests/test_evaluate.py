@@ -12,9 +12,10 @@ import sys
 import pytest
 import yaml
 
-import evaluate
+import evaluation
+import scoring
 import task_metrics as tm
-from common import CodingEval, Evaluate, GeneralEval
+from schema.core import section
 from conftest import ROOT, tracked_copy
 from sandbox import Outcome
 
@@ -125,9 +126,9 @@ def test_perplexity_and_label_likelihood_agree_with_the_models_own_loss(tiny):
     rows = rows_for(tokenizer, zip(questions, ["yes", "green", "returns"]))
     scored = [summed_logprob(model, row) for row in rows]
     expected = math.exp(-sum(logprob for logprob, _ in scored) / sum(count for _, count in scored))
-    assert evaluate.perplexity(model, rows, batch_size=2) == pytest.approx(expected, rel=1e-4)
+    assert scoring.perplexity(model, rows, batch_size=2) == pytest.approx(expected, rel=1e-4)
     choices = ["yes", "green", "returns", "no"]
-    picked = evaluate.label_likelihood(model, tokenizer, rows, choices, batch_size=3)
+    picked = scoring.label_likelihood(model, tokenizer, rows, choices, batch_size=3)
     for question, choice in zip(questions, picked):
         scores = {candidate: summed_logprob(model, rows_for(tokenizer, [(question, candidate)])[0])[0] for candidate in choices}
         assert choice == max(scores, key=scores.get)
@@ -150,13 +151,13 @@ def test_every_task_type_runs_through_the_shared_core(tiny, task, extra, keys):
              "qa": [("Text: Ana bought 3 mugs. Question: How many mugs?", "3"), ("Text: Ben lives in Rome. Question: Where?", "Rome")],
              "coding": [("Write add(a, b).\nYour code should pass these tests:\nassert add(1, 2) == 3", "def add(a, b):\n    return a + b"),
                         ("Write neg(x).\nassert neg(1) == -1", "def neg(x):\n    return -x")]}[task]
-    cfg = Evaluate(task=task, max_new_tokens=6, batch_size=2, general={"tasks": []}, **extra)
-    metrics, outputs = evaluate.evaluate_model(model, tokenizer, rows_for(tokenizer, pairs), cfg)
+    cfg = section("evaluate", task=task, max_new_tokens=6, batch_size=2, general={"tasks": []}, **extra)
+    metrics, outputs = scoring.evaluate_model(model, tokenizer, rows_for(tokenizer, pairs), cfg)
     assert keys <= set(metrics) and len(outputs) == len(pairs)
     assert all(isinstance(value, (int, float)) and math.isfinite(value) for value in metrics.values())
     assert 1 < metrics["perplexity"] < 1e6
     if task == "classification" and not extra:
-        assert evaluate.evaluate_model(model, tokenizer, rows_for(tokenizer, pairs), cfg) == (metrics, outputs)
+        assert scoring.evaluate_model(model, tokenizer, rows_for(tokenizer, pairs), cfg) == (metrics, outputs)
 
 
 def test_reference_programs_pass_through_the_coding_path(tiny):
@@ -165,7 +166,7 @@ def test_reference_programs_pass_through_the_coding_path(tiny):
                                 ("Write neg(x).\nassert neg(1) == -1", "x")])
     texts = ["```python\ndef add(a, b):\n    return a + b\n```", "def add(a, b):\n    return a - b",
              "def neg(x):\n    return -x", "def neg(x):\n    return -x"]
-    metrics = evaluate.score_programs(texts, rows, tokenizer, CodingEval(num_samples=2, k=[1, 2], timeout_seconds=5))
+    metrics = scoring.score_programs(texts, rows, tokenizer, section("evaluate.coding", num_samples=2, k=[1, 2], timeout_seconds=5))
     assert metrics == pytest.approx({"pass@1": (0.5 + 1) / 2, "pass@2": 1.0, "syntax_valid_rate": 1.0,
                                      "test_pass_rate": (2 + 1 + 1 + 1) / 6, "timeouts": 0})
 
@@ -174,27 +175,27 @@ def test_coding_rows_without_tests_are_refused(tiny):
     model, tokenizer = tiny
     rows = rows_for(tokenizer, [("Write add(a, b).", "def add(a, b):\n    return a + b")])
     with pytest.raises(SystemExit, match="no `assert` line"):
-        evaluate.evaluate_model(model, tokenizer, rows, Evaluate(task="coding", general={"tasks": []}))
+        scoring.evaluate_model(model, tokenizer, rows, section("evaluate", task="coding", general={"tasks": []}))
 
 
 def test_batched_generation_gives_the_answers_of_one_at_a_time(tiny):
     model, tokenizer = tiny
     prompts = [row["prompt"] for row in rows_for(tokenizer, [("Hi", "x"), ("A much longer question about the sea", "y"),
                                                              ("What is two plus two?", "z")])]
-    assert evaluate.generate(model, tokenizer, prompts, 5, batch_size=3) == evaluate.generate(model, tokenizer, prompts, 5, 1)
+    assert scoring.generate(model, tokenizer, prompts, 5, batch_size=3) == scoring.generate(model, tokenizer, prompts, 5, 1)
 
 
 # --------------------------------------------------------------------------- forgetting check
 def test_general_scores_through_lm_eval_offline_and_the_drop_verdict(tiny):
     model, tokenizer = tiny
-    scores, lower = evaluate.general_scores(model, tokenizer, GeneralEval(limit=8), batch_size=8)
+    scores, lower = evaluation.general_scores(model, tokenizer, section("evaluate.general", limit=8), batch_size=8)
     assert set(scores) == {"general.general_knowledge.acc"} and 0 <= scores["general.general_knowledge.acc"] <= 1
-    assert lower == set() and "general_knowledge" in evaluate.local_tasks()
-    drops = evaluate.forgetting({"general.t.acc": 0.50, "general.t.ppl": 12.0}, {"general.t.acc": 0.60, "general.t.ppl": 10.0},
+    assert lower == set() and "general_knowledge" in evaluation.local_tasks()
+    drops = evaluation.forgetting({"general.t.acc": 0.50, "general.t.ppl": 12.0}, {"general.t.acc": 0.60, "general.t.ppl": 10.0},
                                 lower={"general.t.ppl"})
     assert drops == pytest.approx({"general.t.acc": 0.1, "general.t.ppl": 2.0})
-    assert evaluate.drop_verdict({"general.t.acc": 0.04}, GeneralEval(max_drop=0.05)) is None
-    assert "general.t.acc" in evaluate.drop_verdict({"general.t.acc": 0.1}, GeneralEval(max_drop=0.05))
+    assert evaluation.drop_verdict({"general.t.acc": 0.04}, section("evaluate.general", max_drop=0.05)) is None
+    assert "general.t.acc" in evaluation.drop_verdict({"general.t.acc": 0.1}, section("evaluate.general", max_drop=0.05))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -210,7 +211,7 @@ def test_dvc_declares_what_each_evaluate_mode_needs():
 
 def run_stage(repo, *args, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "stages/evaluate.py", *args], cwd=repo, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "stages/evaluation.py", *args], cwd=repo, env=env, capture_output=True, text=True)
     if check and result.returncode:
         raise AssertionError(result.stderr[-4000:])
     return result
@@ -245,7 +246,7 @@ def stage_repo(tmp_path_factory, tiny_base, tiny):
     (adapter / "format.json").write_text(json.dumps({"fingerprint": fingerprint}))
     (adapter / ".complete").write_text("ok\n")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["evaluate"].update(max_new_tokens=4, num_examples=3, general={"tasks": ["general_knowledge"], "limit": 10})
+    params["evaluate"].update(max_new_tokens=4, num_examples=3, general={**params["evaluate"]["general"], "tasks": ["general_knowledge"], "limit": 10})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_stage(repo, "base")
     run_stage(repo)

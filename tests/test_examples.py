@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from common import load_params
+from check_params import load_params
 from conftest import ROOT, tracked_copy
 
 TASKS = ["classification", "generation", "qa", "coding"]
@@ -19,7 +19,7 @@ TASK_KEYS = {"classification": {"task.accuracy", "task.macro_f1", "task.unparsea
              "generation": {"task.bleu", "task.rouge1", "task.rouge2", "task.rougeL", "task.meteor"},
              "qa": {"task.exact_match", "task.f1"},
              "coding": {"task.pass@1", "task.pass@4", "task.syntax_valid_rate", "task.test_pass_rate"}}
-STAGES = [("ingest", []), ("dedup_filter", []), ("format", []), ("train", []), ("evaluate", ["base"]), ("evaluate", [])]
+STAGES = [("ingest", []), ("dedup_filter", []), ("format", []), ("train", []), ("evaluation", ["base"]), ("evaluation", [])]
 RUNNER = """
 import runpy, shutil, sys, yaml
 sys.path.insert(0, "examples")

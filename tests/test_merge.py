@@ -12,7 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import merge
-from common import REFERENCE, load_params, save_reference_logits
+import publish
+from check_params import load_params
+from reference import REFERENCE, save_reference_logits
+from schema.core import section
 
 PROMPTS = ["The capital of France is", "Two plus two is"]
 
@@ -54,20 +57,15 @@ print(json.dumps({"logits": model(input_ids=ids).logits[0, -1].tolist(), "reply"
 
 
 def test_lora_merge_is_a_standalone_model_that_plain_transformers_loads(tiny_base, adapter, tmp_path):
-    card = merge.model_card(load_params(), {"method": "lora"}, {"rows_in": 10, "rows_kept": 9, "splits": {}},
-                            {"task.accuracy": 0.9, "base.task.accuracy": 0.1, "perplexity": 1.5})
-    report = merge.merge(tiny_base, adapter, "float32", 1e-4, tmp_path / "merged", max_shard_size="1MB", card=card)
+    report = merge.merge(tiny_base, adapter, "float32", 1e-4, tmp_path / "merged", max_shard_size="1MB")
     assert report["max_logit_diff_vs_adapter"] < 1e-4 and report["max_logit_diff_vs_training"] < 1e-4
     files = {path.name for path in (tmp_path / "merged").iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-            "chat_template.jinja", "README.md", "train_method.json"} <= files
+            "chat_template.jinja", "train_method.json"} <= files
     assert report["shards"] > 1 and not any(name.endswith(".bin") for name in files)
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     generation = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tokenizer.eos_token_id and generation["pad_token_id"] == tokenizer.pad_token_id
-    readme = (tmp_path / "merged" / "README.md").read_text()
-    assert "# Fine-tuned builtin (lora)" in readme and "| task.accuracy | 0.9 | 0.1 |" in readme
-    assert "base_model:" not in readme  # the model card's field is for hub ids; the built-in base has none
 
     # a clean interpreter (-I: no cwd, no PYTHONPATH): nothing from this project can be imported
     result = subprocess.run([sys.executable, "-I", "-c", PLAIN, str(tmp_path / "merged"), PROMPTS[0]],
@@ -82,6 +80,25 @@ def test_lora_merge_is_a_standalone_model_that_plain_transformers_loads(tiny_bas
         base_logits = AutoModelForCausalLM.from_pretrained(tiny_base)(input_ids=ids).logits[0, -1]
     assert (torch.tensor(plain["logits"]) - expected.logits[0, -1]).abs().max() < 1e-4
     assert (torch.tensor(plain["logits"]) - base_logits).abs().max() > 1e-2  # the adapter did change the model
+
+    # publish: the release folder is the merged model (hard links) plus a Hub model card that loads back
+    from huggingface_hub import ModelCard
+
+    evaluation = {"task.accuracy": 0.9, "base.task.accuracy": 0.1, "delta.task.accuracy": 0.8, "perplexity": 1.5,
+                  "task.class.billing.f1": 0.7, "seed": 42, "test_rows": 10}
+    summary = publish.publish(tmp_path / "merged", tmp_path / "release", {"rows_in": 10, "rows_kept": 9, "splits": {}},
+                              evaluation, "classification", ["org/tickets"],
+                              section("publish", license="apache-2.0"))
+    release = tmp_path / "release"
+    assert {"README.md", "config.json", "tokenizer.json", "model.safetensors.index.json"} <= set(summary["files"]) | {"README.md"}
+    shard = next(release.glob("model-*.safetensors"))
+    assert shard.stat().st_ino == (tmp_path / "merged" / shard.name).stat().st_ino  # a link, not a second copy
+    card = ModelCard.load(release / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.library_name == "transformers"
+    assert card.data.datasets == ["org/tickets"] and card.data.base_model is None  # builtin: no hub id to name
+    results = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert results == {"task.accuracy": 0.9, "perplexity": 1.5}  # the fine-tuned model's own headline numbers
+    assert "| task.accuracy | 0.9 | 0.1 |" in card.text
 
 
 def test_wrong_adapter_fails_the_merge(tiny_base, adapter, tmp_path):

@@ -3,11 +3,10 @@
 Small knobs (a 2-layer base, a few steps) keep it to a few minutes on 2 cores; the code path is
 the default one. Checks: every artifact appears, a second `dvc repro` is a no-op, an
 experiment on a train param reruns train and what follows only, and a broken params.yaml
-fails fast, names the key, and loses nothing.
+fails in the params check, names the key, and loses nothing (timings live in benchmarks/).
 """
 import json
 import re
-import time
 
 import pytest
 import yaml
@@ -16,7 +15,7 @@ from conftest import ran, sh, tracked_copy
 
 pytestmark = pytest.mark.slow
 UPSTREAM = ["check_params", "base", "ingest", "dedup_filter", "format"]
-DOWNSTREAM = ["train", "evaluate", "merge", "quantize"]
+DOWNSTREAM = ["train", "evaluate", "merge", "quantize", "publish"]
 
 
 
@@ -42,7 +41,7 @@ def repo(tmp_path_factory):
 
 
 def test_full_run_writes_every_artifact(repo):
-    for folder in ["models/base", "models/adapter", "models/merged", "models/quantized"]:
+    for folder in ["models/base", "models/adapter", "models/merged", "models/quantized", "models/release"]:
         assert (repo / folder / ".complete").exists(), folder
     assert (repo / "models/quantized/model-q8_0.gguf").stat().st_size > 100_000
     data = json.loads((repo / "metrics/data.json").read_text())
@@ -56,10 +55,8 @@ def test_full_run_writes_every_artifact(repo):
     assert quantized["gguf_q8_0.size_ratio"] < 0.5 and abs(quantized["gguf_q8_0.perplexity_drop_percent"]) < 2
 
 
-def test_second_repro_is_a_fast_no_op(repo):
-    started = time.time()
+def test_second_repro_is_a_no_op(repo):
     result = sh(repo, "dvc", "repro")
-    assert time.time() - started < 5
     assert ran(result.stdout) == set() and "up to date" in result.stdout
 
 
@@ -84,9 +81,7 @@ def test_broken_params_fail_fast_and_lose_nothing(repo, edit, key):
     params = yaml.safe_load(original)
     edit(params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    started = time.time()
     result = sh(repo, "dvc", "repro", check=False)
-    assert time.time() - started < 10  # dvc's own start-up included
     assert result.returncode != 0 and key in result.stdout + result.stderr
     (repo / "params.yaml").write_text(original)
     restored = sh(repo, "dvc", "repro")

@@ -6,7 +6,10 @@ import sys
 import pytest
 import torch
 
-from common import ROOT, Gptq, QualityCheck, load_params, read_jsonl
+from check_params import load_params
+from common import ROOT, read_jsonl
+from schema.core import section
+from schema.quantize import QualityCheck
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("gptqmodel")
@@ -51,7 +54,7 @@ def quantized(tiny_base, rows, tmp_path_factory):
     except FileNotFoundError as error:
         pytest.skip(str(error))
     params = load_params()
-    cfg = params.quantize.model_copy(update={"gptq": Gptq(group_size=64, desc_act=True, calibration_rows=16),
+    cfg = params.quantize.model_copy(update={"gptq": section("quantize.gptq", group_size=64, desc_act=True, calibration_rows=16),
                                              "speed_new_tokens": 8})
     out = tmp_path_factory.mktemp("quantized")
     report = quantize.quantize(tiny_base, ["gguf_q8_0", "gguf_q4_k_m", "gptq", "bnb_int8"], out, rows[:12], rows[12:], cfg,
@@ -80,17 +83,17 @@ def test_every_artifact_is_measured_against_the_merged_model(quantized):
 
 
 def test_gguf_generates_and_scores_in_llama_cpp(quantized, tiny_base):
-    import evaluate
+    import scoring
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     _, out, rows = quantized
     model = llamacpp.LlamaCppLM(out / "model-q8_0.gguf", GenerationConfig.from_pretrained(tiny_base), n_ctx=256)
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     text = llamacpp.generate(model.llm, rows[0]["prompt"], max_tokens=6)  # llama.cpp's own tokenizer and sampler
-    assert text.strip() == evaluate.generate(model, tokenizer, [rows[0]["prompt"]], 6, 1)[0]
+    assert text.strip() == scoring.generate(model, tokenizer, [rows[0]["prompt"]], 6, 1)[0]
     hf = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     assert quantize.agreement(quantize.top1(model, rows[:4]), quantize.top1(hf, rows[:4])) > 0.95
-    assert evaluate.perplexity(model, rows[:4], 2) == pytest.approx(evaluate.perplexity(hf, rows[:4], 2), rel=0.02)
+    assert scoring.perplexity(model, rows[:4], 2) == pytest.approx(scoring.perplexity(hf, rows[:4], 2), rel=0.02)
 
 
 PLAIN = """
@@ -141,7 +144,7 @@ def test_prompt_tuning_is_skipped(tmp_path):
 def test_gptq_quantizes_and_serves_on_a_gpu(tiny_base, rows, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    gptq.quantize_gptq(tiny_base, tmp_path / "gptq", gptq.calibration_rows(rows, 16, 0), Gptq(group_size=64), threads=1)
+    gptq.quantize_gptq(tiny_base, tmp_path / "gptq", gptq.calibration_rows(rows, 16, 0), section("quantize.gptq", group_size=64), threads=1)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", device_map="cuda:0").eval()
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([rows[0]["input_ids"]], device="cuda:0")).logits

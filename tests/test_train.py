@@ -14,7 +14,9 @@ import yaml
 from safetensors.torch import load_file
 
 import train
-from common import COMPLETE, Train
+import trainer
+from common import COMPLETE
+from schema.core import merge, section
 from conftest import ROOT
 
 TOPICS = {"billing": "I was charged twice for my last order", "shipping": "my parcel has not arrived after two weeks",
@@ -43,9 +45,9 @@ def data(tiny_base):
     return make_rows(tokenizer, 48), make_rows(tokenizer, 8, offset=1000)
 
 
-def quick(**overrides) -> Train:
+def quick(**overrides):
     settings = dict(max_steps=6, batch_size=4, logging_steps=2, checkpoint_steps=0, learning_rate=5e-3)
-    return Train(**{**settings, **overrides})
+    return section("train", **{**settings, **overrides})
 
 
 def run_fit(tiny_base, data, tmp_path, cfg, callbacks=()):
@@ -57,7 +59,7 @@ def run_fit(tiny_base, data, tmp_path, cfg, callbacks=()):
 # --------------------------------------------------------------------------- batching
 def test_packing_keeps_every_example_once_within_capacity_with_its_own_positions():
     rows = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in (5, 9, 3, 7, 2, 8, 4)]
-    packed = train.pack(rows, capacity=12)
+    packed = trainer.pack(rows, capacity=12)
     assert all(len(row["input_ids"]) <= 12 for row in packed) and len(packed) == 4  # 38 tokens: 4 rows is optimal
     segments = []
     for row in packed:
@@ -66,12 +68,12 @@ def test_packing_keeps_every_example_once_within_capacity_with_its_own_positions
     assert sorted(segments) == sorted(list(range(n)) for n in (5, 9, 3, 7, 2, 8, 4))  # each example once, own positions
     assert all(row["labels"][i] == -100 for row in packed for i, p in enumerate(row["position_ids"]) if p == 0)
     with pytest.raises(SystemExit, match="packing_length"):
-        train.pack(rows, capacity=6)
+        trainer.pack(rows, capacity=6)
 
 
 def test_length_grouped_order_is_a_seeded_permutation_of_similar_length_batches():
     lengths = [(i * 37) % 101 + 1 for i in range(200)]
-    sampler = train.LengthGroupedSampler(lengths, batch_size=8, seed=3, group=True, megabatches=25)
+    sampler = trainer.LengthGroupedSampler(lengths, batch_size=8, seed=3, group=True, megabatches=25)
     first = list(sampler)
     assert sorted(first) == list(range(200)) and list(sampler) == first  # deterministic for (seed, epoch)
     sampler.set_epoch(1)
@@ -87,8 +89,8 @@ def test_right_padding_without_mask_and_packing_give_each_example_its_own_logits
     rows = data[0][:5]
     alone = [model(input_ids=torch.tensor([row["input_ids"]])).logits[0] for row in rows]
     with torch.no_grad():
-        padded = model(input_ids=train.collate(rows, pad_id=0)["input_ids"]).logits
-        batch = train.collate(train.pack(rows, capacity=400), pad_id=0)
+        padded = model(input_ids=trainer.collate(rows, pad_id=0)["input_ids"]).logits
+        batch = trainer.collate(trainer.pack(rows, capacity=400), pad_id=0)
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     for index, row in enumerate(rows):
         assert torch.allclose(padded[index, :len(row["input_ids"])], alone[index], atol=1e-4)
@@ -152,13 +154,13 @@ def test_refuses_what_the_machine_cannot_do(tmp_path):
 
 def test_params_schema_names_every_bad_training_knob():
     with pytest.raises(Exception, match="bf16 and fp16"):
-        Train(bf16=True, fp16=True)
+        section("train", bf16=True, fp16=True)
     with pytest.raises(Exception, match="packing"):
-        Train(method="prompt_tuning", packing=True)
+        section("train", method="prompt_tuning", packing=True)
     for bad in ({"method": "adapters"}, {"scheduler": "step"}, {"optimizer": "sgd"}, {"lora": {"bias": "some"}},
                 {"qlora": {"quant_type": "int4"}}, {"num_processes": 0}):
         with pytest.raises(Exception):
-            Train(**bad)
+            section("train", **bad)
 
 
 # --------------------------------------------------------------------------- never waste a run
@@ -171,9 +173,9 @@ def test_non_finite_loss_stops_at_once_naming_the_step_and_keeps_the_last_good_c
                 with torch.no_grad():
                     next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("inf"))
 
-    with pytest.raises(train.NonFiniteError, match="at step 4"):
+    with pytest.raises(trainer.NonFiniteError, match="at step 4"):
         run_fit(tiny_base, data, tmp_path, quick(checkpoint_steps=2), callbacks=[PoisonAfterStep3()])
-    assert [path.name for path in train.complete_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-2"]
+    assert [path.name for path in trainer.complete_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-2"]
 
 
 def test_checkpoints_made_under_other_settings_or_half_written_are_not_resumed(tmp_path, tiny_base, data):
@@ -189,16 +191,16 @@ def test_checkpoints_made_under_other_settings_or_half_written_are_not_resumed(t
     for name in ("train.jsonl", "eval.jsonl"):
         (tmp_path / "formatted" / name).write_text("{}\n")
     fingerprint = lambda cfg: train.run_fingerprint(tiny_base, tmp_path / "formatted", cfg, 42)  # noqa: E731
-    assert fingerprint(Train()) == fingerprint(Train(logging_steps=3, checkpoint_steps=7, threads=2))
-    assert fingerprint(Train()) != fingerprint(Train(lora={"r": 4}))
-    assert fingerprint(Train()) != fingerprint(Train(method="full"))
+    assert fingerprint(section("train")) == fingerprint(section("train", logging_steps=3, checkpoint_steps=7, threads=2))
+    assert fingerprint(section("train")) != fingerprint(section("train", lora={"r": 4}))
+    assert fingerprint(section("train")) != fingerprint(section("train", method="full"))
 
 
 def mini_repo(path, tiny_base, data, **train_params):
     """The real stage layout, small: stages/, params.yaml, models/base, data/formatted."""
     shutil.copytree(ROOT / "stages", path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    params = {"seed": 42, "threads": 1, "ingest": {"sources": [{"path": "unused.jsonl"}]},
-              "train": {"batch_size": 4, "logging_steps": 1, "learning_rate": 5e-3, **train_params}}
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                   {"train": {"batch_size": 4, "logging_steps": 1, "learning_rate": 5e-3, **train_params}})
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copytree(tiny_base, path / "models" / "base")
     (path / "models" / "base" / COMPLETE).write_text("ok\n")
@@ -229,7 +231,7 @@ def test_a_killed_run_resumes_to_the_same_adapter_and_metrics(tmp_path, tiny_bas
     victim = stage(killed)
     checkpoints = killed / "models" / "checkpoints"
     deadline = time.time() + 120
-    while not train.complete_checkpoints(checkpoints) and victim.poll() is None and time.time() < deadline:
+    while not trainer.complete_checkpoints(checkpoints) and victim.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.communicate()

@@ -1,0 +1,66 @@
+"""device: the one place that decides where a model runs and in what precision, for every stage that
+loads one (train, evaluate, merge, quantize), and that reports peak memory.
+
+`device: auto` is the GPU when CUDA sees one, else the CPU; `dtype: auto` is bfloat16 on a GPU that
+supports it (float16 on one that does not) and float32 on the CPU. Both are top-level params, so a
+user can force `device: cpu` on a GPU box or `dtype: bfloat16` on a CPU; a request the hardware
+cannot serve fails at once with the fix.
+"""
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cuda" or "cpu"
+    dtype: str  # one of DTYPES
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def load_kwargs(self) -> dict:
+        """`from_pretrained` arguments: weights loaded straight into the target dtype and device, one copy."""
+        return {"dtype": self.torch_dtype, "device_map": {"": 0} if self.device == "cuda" else "cpu"}
+
+
+def resolve(device: str = "auto", dtype: str = "auto", cuda: bool | None = None, bf16: bool | None = None) -> Placement:
+    """The placement for the `device` / `dtype` params. `cuda` and `bf16` default to what torch reports
+    (tests pass them to check the choice on hardware this machine does not have)."""
+    if cuda is None or bf16 is None:
+        import torch
+
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        bf16 = (cuda and torch.cuda.is_bf16_supported()) if bf16 is None else bf16
+    if device == "cuda" and not cuda:
+        raise SystemExit("device: cuda, but no CUDA GPU is visible here; set `device: auto` (or cpu)")
+    if device not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"device: must be auto, cpu or cuda, got {device!r}")
+    where = "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
+    if dtype == "auto":
+        dtype = ("bfloat16" if bf16 else "float16") if where == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise SystemExit(f"dtype: must be auto or one of {DTYPES}, got {dtype!r}")
+    if dtype == "bfloat16" and where == "cuda" and not bf16:
+        raise SystemExit("dtype: bfloat16, but this GPU has no bfloat16 support; use float16 or auto")
+    return Placement(where, dtype)
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process (MiB) and, on a GPU, peak allocated GPU memory (MiB)."""
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = round(torch.cuda.max_memory_allocated() / 2**20)
+    except ImportError:
+        pass
+    return {"peak_rss_mb": host, "peak_gpu_mb": gpu}

@@ -1,0 +1,203 @@
+"""evaluate / evaluate_base: score a model on the held-out test split, by task type, against the base.
+
+(Named evaluation.py, not evaluate.py, so that it never shadows Hugging Face's `evaluate` package.)
+`python stages/evaluation.py base` scores the untouched base (its own DVC stage, so it reruns only
+when the base, the test data or the params that change its numbers change) into
+`metrics/eval_base.json`; `python stages/evaluation.py` scores the fine-tuned model and writes
+`metrics/eval.json`: every metric for both models side by side (`task.*`, `base.task.*`) and the
+change (`delta.*`), perplexity, and the forgetting check (`general.*`: lm-eval tasks scored
+before and after, failing or warning past `evaluate.general.max_drop`).
+
+`scoring.evaluate_model(model, tokenizer, rows, cfg)` is the core shared with the merged and quantized
+models; the metric functions themselves live in task_metrics.py, the code sandbox in sandbox.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import re
+import sys
+
+from common import ROOT, offline_by_default, read_jsonl, require_complete, seed_everything, setup, write_json, write_text
+from schema.evaluate import Evaluate
+from scoring import evaluate_model, label_choices
+from task_metrics import UNPARSEABLE, normalise_label, parse_label, per_class_report
+
+log = logging.getLogger("finetune.evaluate")
+
+BASE = ROOT / "models" / "base"
+ADAPTER = ROOT / "models" / "adapter"
+DATA = ROOT / "data" / "formatted"
+GENERAL = ROOT / "data" / "general"
+METRICS = ROOT / "metrics" / "eval.json"
+BASE_METRICS = ROOT / "metrics" / "eval_base.json"
+EXAMPLES = ROOT / "metrics" / "examples.json"
+CONFUSION = ROOT / "metrics" / "confusion.csv"
+BASE_CONFUSION = ROOT / "metrics" / "confusion_base.csv"
+IGNORE = -100
+
+
+def class_breakdown(outputs: list[str], rows: list[dict], cfg) -> tuple[dict, list[tuple[str, str]]]:
+    """Per-class precision/recall/F1/support as flat keys, and (actual, predicted) pairs for the confusion plot."""
+    labels = [normalise_label(choice) for choice in label_choices(rows, cfg.classification)]
+    predictions = [parse_label(output, labels) for output in outputs]
+    references = [normalise_label(row["reference"]) for row in rows]
+    flat = {f"task.class.{label.replace(' ', '_')}.{name}": round(value, 5)
+            for label, scores in per_class_report(predictions, references).items() for name, value in scores.items()}
+    return flat, [(actual, predicted or UNPARSEABLE) for actual, predicted in zip(references, predictions)]
+
+
+# --------------------------------------------------------------------------- forgetting check
+def local_tasks() -> set[str]:
+    return {name for path in GENERAL.glob("*.yaml")
+            for name in re.findall(r"^task:\s*['\"]?([\w.-]+)", path.read_text(encoding="utf-8"), re.MULTILINE)}
+
+
+def general_scores(model, tokenizer, cfg, batch_size: int) -> tuple[dict, set[str]]:
+    """lm-eval scores of `evaluate.general.tasks` on this very model object: `general.<task>.<metric>`,
+    and the keys where lower is better. Only tasks outside data/general need the harness's built-in
+    index (~5 s to build) and, usually, the network."""
+    if not cfg.tasks:
+        return {}, set()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(GENERAL), include_defaults=not set(cfg.tasks) <= local_tasks())
+    with contextlib.chdir(ROOT):  # a local task's data_files are relative to the repository root
+        results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+                                          tasks=list(cfg.tasks), task_manager=manager, limit=cfg.limit,
+                                          bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+    scores, lower = {}, set()
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            metric, _, kind = key.partition(",")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or metric.endswith("_stderr") \
+                    or metric == "sample_len":
+                continue
+            name = f"general.{task}.{metric}" + ("" if kind in ("", "none") else f".{kind}")
+            scores[name] = round(float(value), 5)
+            if results.get("higher_is_better", {}).get(task, {}).get(metric) is False:
+                lower.add(name)
+    return scores, lower
+
+
+def forgetting(scores: dict, base: dict, lower: set[str]) -> dict[str, float]:
+    """How much each general score got worse after fine-tuning (positive = worse)."""
+    return {key: (value - base[key]) if key in lower else (base[key] - value)
+            for key, value in scores.items() if key.startswith("general.") and key in base}
+
+
+def drop_verdict(drops: dict[str, float], cfg) -> str | None:
+    """The complaint when a general score fell by more than `evaluate.general.max_drop`, else None."""
+    too_far = {key: round(drop, 5) for key, drop in sorted(drops.items()) if drop > cfg.max_drop}
+    if not too_far:
+        return None
+    return (f"forgetting check: general scores fell by more than evaluate.general.max_drop={cfg.max_drop} "
+            f"after fine-tuning: {too_far}")
+
+
+# --------------------------------------------------------------------------- the stage
+def load(adapter: bool):
+    """The base, or the fine-tuned model: base + adapter, or the whole model that full fine-tuning saved."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = require_complete(ADAPTER if adapter else BASE)
+    if adapter and (folder / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = AutoModelForCausalLM.from_pretrained(require_complete(BASE), dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def check_fingerprint(expected: str, folder) -> None:
+    found = json.loads((folder / "format.json").read_text())["fingerprint"]
+    if found != expected:
+        raise SystemExit(f"evaluate: {folder} was trained with template fingerprint {found}, but the test data has "
+                         f"{expected}; rerun train (dvc repro) so both use the same template and special tokens")
+
+
+def settings(cfg, seed: int, fingerprint: str) -> dict:
+    """What the base's numbers depend on; evaluate refuses a baseline made with anything else."""
+    return {"seed": seed, "fingerprint": fingerprint, "task": cfg.task, "max_new_tokens": cfg.max_new_tokens,
+            "classification": cfg.classification.model_dump(), "coding": cfg.coding.model_dump(),
+            "general": {"tasks": cfg.general.tasks, "limit": cfg.general.limit},
+            "test_sha256": hashlib.sha256((DATA / "test.jsonl").read_bytes()).hexdigest()}
+
+
+def headline(metrics: dict) -> str:
+    """The task's own numbers and perplexity, for the one summary line (per-class numbers stay in the files)."""
+    return ", ".join(f"{key} {value}" for key, value in sorted(metrics.items())
+                     if key == "perplexity" or (key.startswith(("task.", "general.")) and not key.startswith("task.class.")))
+
+
+def write_confusion(path, pairs: list[tuple[str, str]]) -> None:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([("actual", "predicted"), *pairs])
+    write_text(path, buffer.getvalue())
+
+
+def side_by_side(metrics: dict, base: dict) -> dict:
+    report = {**metrics, **{f"base.{key}": value for key, value in base.items()}}
+    report.update({f"delta.{key}": round(value - base[key], 5) for key, value in metrics.items()
+                   if key in base and not key.endswith(".support")})
+    return report
+
+
+def main() -> None:
+    which = sys.argv[1] if len(sys.argv) > 1 else "adapter"
+    if which not in ("adapter", "base"):
+        raise SystemExit("usage: python stages/evaluation.py [base]")
+    params = setup("evaluate_base" if which == "base" else "evaluate", {"evaluate": Evaluate})
+    cfg = params.evaluate
+    rows = read_jsonl(DATA / "test.jsonl")
+    fingerprint = json.loads((DATA / "format.json").read_text())["fingerprint"]
+    if which == "adapter":  # both checks before any model is loaded
+        check_fingerprint(fingerprint, ADAPTER)
+        base = json.loads(BASE_METRICS.read_text())
+        if base.get("settings") != settings(cfg, params.seed, fingerprint):
+            raise SystemExit(f"evaluate: {BASE_METRICS.relative_to(ROOT)} was made with other settings or test data; "
+                             "rerun it first: dvc repro evaluate_base")
+    offline_by_default()
+    seed_everything(params.seed, params.threads)
+    model, tokenizer = load(adapter=which == "adapter")
+    metrics, outputs = evaluate_model(model, tokenizer, rows, cfg)
+    scores, lower = general_scores(model, tokenizer, cfg.general, cfg.batch_size)
+    metrics.update(scores)
+    pairs: list = []
+    if cfg.task == "classification":
+        per_class, pairs = class_breakdown(outputs, rows, cfg)
+        metrics.update(per_class)
+    if which == "base":
+        write_json(BASE_METRICS, {"settings": settings(cfg, params.seed, fingerprint), "metrics": metrics,
+                                  "lower_is_better": sorted(lower), "outputs": outputs})
+        write_confusion(BASE_CONFUSION, pairs)
+        log.info("evaluate_base done: %s (metrics/eval_base.json)", headline(metrics))
+        return
+    report = side_by_side(metrics, base["metrics"])
+    drops = forgetting(scores, base["metrics"], lower)
+    if drops:
+        report["general.worst_drop"] = round(max(drops.values()), 5)
+    report.update(test_rows=len(rows), seed=params.seed)
+    write_json(METRICS, report)
+    write_confusion(CONFUSION, pairs)
+    write_json(EXAMPLES, [{"input": row["prompt"], "reference": row["reference"], "base": base_output, "finetuned": output}
+                          for row, base_output, output in list(zip(rows, base["outputs"], outputs))[:cfg.num_examples]])
+    log.info("evaluate done: %s; base: %s (metrics/eval.json)", headline(metrics), headline(base["metrics"]))
+    verdict = drop_verdict(drops, cfg.general)
+    if verdict and cfg.general.on_drop == "fail":
+        raise SystemExit(f"{verdict} (evaluate.general.on_drop=fail; metrics/eval.json has the numbers)")
+    if verdict:
+        log.warning("%s", verdict)
+
+
+if __name__ == "__main__":
+    main()

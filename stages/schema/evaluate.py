@@ -1,0 +1,48 @@
+"""`evaluate`: the task metrics, their generation settings and the forgetting check."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from schema.core import Float, Strict
+
+
+class ClassificationEval(Strict):
+    scoring: Literal["generate", "likelihood"]  # parse the generated label, or rank labels by likelihood
+    labels: list[str]  # the classes; empty: every distinct reference of the test split
+
+
+class CodingEval(Strict):
+    num_samples: int = Field(gt=0)  # programs per problem (n of pass@k); 1 = greedy, more = sampled
+    k: list[int] = Field(min_length=1)  # pass@k reported for each k <= num_samples
+    temperature: Float = Field(gt=0)
+    top_p: Float = Field(gt=0, le=1)
+    timeout_seconds: Float = Field(gt=0)  # per program, wall clock
+    memory_mb: int = Field(ge=64)  # address-space limit per program
+
+    @model_validator(mode="after")
+    def _k_fits(self):
+        if any(k <= 0 or k > self.num_samples for k in self.k):
+            raise ValueError(f"every k must be in 1..num_samples ({self.num_samples}), got {self.k}")
+        return self
+
+
+class GeneralEval(Strict):
+    tasks: list[str]  # lm-eval tasks: data/general/*.yaml, or any harness task (network)
+    limit: Optional[int] = Field(gt=0)  # documents per task; null = all
+    max_drop: Float = Field(ge=0)  # worst allowed fall of a general score after fine-tuning
+    on_drop: Literal["warn", "fail"]
+
+
+class Evaluate(Strict):
+    task: Literal["classification", "generation", "qa", "coding"]
+    max_new_tokens: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    num_examples: int = Field(ge=0)  # predictions saved for humans
+    classification: ClassificationEval
+    coding: CodingEval
+    general: GeneralEval
+
+
+SECTION = Evaluate

@@ -1,0 +1,39 @@
+"""`model`: which base to fine-tune."""
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field, model_validator
+
+from schema.core import Float, Strict
+
+
+class Builtin(Strict):
+    """The tiny Llama the project builds itself when `model.base: builtin`."""
+
+    seed: int  # its own seed, so a sweep over the training seed does not rebuild the base
+    vocab_size: int = Field(ge=256, le=65536)
+    hidden_size: int = Field(gt=0, multiple_of=64)  # bitsandbytes CPU 4-bit kernels want x64
+    intermediate_size: int = Field(gt=0, multiple_of=64)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    max_position_embeddings: int = Field(gt=0)
+    pretrain_steps: int = Field(ge=0)
+    pretrain_batch_size: int = Field(gt=0)
+    pretrain_block_size: int = Field(gt=8)
+    pretrain_learning_rate: Float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class ModelParams(Strict):
+    base: str = Field(min_length=1)  # "builtin", a local folder, or a Hugging Face id
+    revision: Optional[str]  # pin for a hub id: branch, tag or commit sha
+    builtin: Builtin
+
+
+SECTION = ModelParams

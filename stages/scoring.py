@@ -1,0 +1,162 @@
+"""The scoring every model form shares (the adapter model, the base, the merged and the quantized
+models): batched generation, perplexity, label likelihood, and the task metrics of `evaluate.task`.
+
+The evaluate stages (evaluation.py) and quantize both import it, so quantize depends on this module
+and not on the evaluate stage's script. The metric functions live in task_metrics.py, the code
+sandbox in sandbox.py.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+from task_metrics import (classification_metrics, coding_metrics, extract_code, extract_tests, generation_metrics,
+                          normalise_label, parse_label, qa_metrics)
+
+log = logging.getLogger("finetune.scoring")
+
+IGNORE = -100
+
+
+# --------------------------------------------------------------------------- model passes
+def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], batch_size: int) -> list[tuple[float, int]]:
+    """(sum of log p(target), number of targets) for each (input_ids, labels); labels of -100 are not
+    scored. Sequences are batched by length, so little compute goes to padding."""
+    import torch
+
+    results: list = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda index: len(sequences[index][0]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = max(len(sequences[index][0]) for index in batch)
+        ids = torch.tensor([sequences[i][0] + [0] * (width - len(sequences[i][0])) for i in batch])
+        labels = torch.tensor([sequences[i][1] + [IGNORE] * (width - len(sequences[i][1])) for i in batch])
+        mask = torch.tensor([[1] * len(sequences[i][0]) + [0] * (width - len(sequences[i][0])) for i in batch])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        # prompt tuning prepends virtual tokens: score only the positions of the real input
+        logits = logits[:, logits.shape[1] - width:][:, :-1].float()
+        targets = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+        for position, index in enumerate(batch):
+            results[index] = (-nll[position].sum().item(), int((targets[position] != IGNORE).sum()))
+    return results
+
+
+def perplexity(model, rows: list[dict], batch_size: int) -> float:
+    """exp(mean NLL) over the target (unmasked) tokens, as training measures loss."""
+    scored = sequence_logprobs(model, [(row["input_ids"], row["labels"]) for row in rows], batch_size)
+    return math.exp(-sum(logprob for logprob, _ in scored) / max(sum(count for _, count in scored), 1))
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """End-of-turn tokens: the tokenizer's EOS and the model's generation config (chat models often differ)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({token for token in [tokenizer.eos_token_id, *configured] if token is not None})
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, num_samples: int = 1,
+             temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+    """Batched, left-padded generation with the KV cache: greedy, or `num_samples` sampled answers per
+    prompt (returned consecutively). Prompts are batched by length, answers come back in order."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if num_samples > 1 else {"do_sample": False}
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda index: lengths[index])
+    answers: list = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        encoded = tokenizer([prompts[index] for index in batch], return_tensors="pt", padding=True,
+                            add_special_tokens=False)  # the template already placed BOS
+        with torch.no_grad():
+            generated = model.generate(**encoded, max_new_tokens=max_new_tokens, use_cache=True,
+                                       num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,
+                                       eos_token_id=stop_ids(model, tokenizer), **sampling)
+        texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        for position, index in enumerate(batch):
+            answers[index] = [text.strip() for text in texts[position * num_samples:(position + 1) * num_samples]]
+    return [text for group in answers for text in group]
+
+
+def label_likelihood(model, tokenizer, rows: list[dict], choices: list[str], batch_size: int) -> list[str]:
+    """For each row, the choice the model finds most likely as the whole answer (its tokens plus the
+    template's end of turn, so a label that is a prefix of another does not win by being short)."""
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    sequences = []
+    for row in rows:
+        prompt = encode(row["prompt"])
+        answer = tokenizer.decode(row["input_ids"][len(prompt):])  # reference + end of turn, as trained
+        found = answer.find(row["reference"].strip())
+        end = answer[found + len(row["reference"].strip()):] if found >= 0 else ""
+        for choice in choices:
+            continuation = encode(choice + end)
+            sequences.append((prompt + continuation, [IGNORE] * len(prompt) + continuation))
+    scores = [logprob for logprob, _ in sequence_logprobs(model, sequences, batch_size)]
+    width = len(choices)
+    return [choices[max(range(width), key=lambda j: scores[i * width + j])] for i in range(len(rows))]
+
+
+def label_choices(rows: list[dict], cfg) -> list[str]:
+    """The classes: `evaluate.classification.labels`, or each distinct test reference (first spelling)."""
+    if cfg.labels:
+        return list(cfg.labels)
+    seen: dict[str, str] = {}
+    for row in rows:
+        seen.setdefault(normalise_label(row["reference"]), row["reference"].strip())
+    return [seen[key] for key in sorted(seen)]
+
+
+def check_coding_rows(rows: list[dict], tokenizer) -> list[list[str]]:
+    specials = {*getattr(tokenizer, "all_special_tokens", []), *getattr(tokenizer, "get_added_vocab", dict)()}
+    tests = [extract_tests(row["prompt"], specials) for row in rows]
+    missing = [row["id"] for row, found in zip(rows, tests) if not found]
+    if missing:
+        raise SystemExit(f"evaluate.task=coding: {len(missing)} test rows have no `assert` line in their prompt "
+                         f"(first: {missing[0]}); a coding problem states its tests in the prompt, see examples/coding")
+    return tests
+
+
+def score_programs(texts: list[str], rows: list[dict], tokenizer, cfg) -> dict:
+    """Run `cfg.num_samples` answers per row (consecutive in `texts`) against the row's tests, contained."""
+    from sandbox import check_works, isolation, run_tests
+
+    tests, samples = check_coding_rows(rows, tokenizer), cfg.num_samples
+    check_works()
+    log.info("coding: running %d programs contained (%s)", len(texts), isolation())
+    outcomes = [[run_tests(extract_code(text), tests[i], cfg.timeout_seconds, cfg.memory_mb)
+                 for text in texts[i * samples:(i + 1) * samples]] for i in range(len(rows))]
+    return coding_metrics(outcomes, cfg.k)
+
+
+def evaluate_model(model, tokenizer, rows: list[dict], cfg) -> tuple[dict, list[str]]:
+    """Pure core shared by every model form (adapter, merged, quantized): `task.*` metrics and
+    perplexity, and one output per row (the first sample for coding)."""
+    prompts = [row["prompt"] for row in rows]
+    references = [row["reference"].strip() for row in rows]
+    if cfg.task == "classification":
+        choices = label_choices(rows, cfg.classification)
+        if cfg.classification.scoring == "likelihood":
+            outputs = label_likelihood(model, tokenizer, rows, choices, cfg.batch_size)
+        else:
+            outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+        labels = [normalise_label(choice) for choice in choices]
+        task = classification_metrics([parse_label(output, labels) for output in outputs],
+                                      [normalise_label(reference) for reference in references])
+    elif cfg.task == "coding":
+        check_coding_rows(rows, tokenizer)  # before any generation
+        texts = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, cfg.coding.num_samples,
+                         cfg.coding.temperature, cfg.coding.top_p)
+        task, outputs = score_programs(texts, rows, tokenizer, cfg.coding), texts[::cfg.coding.num_samples]
+    else:
+        outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+        task = (qa_metrics if cfg.task == "qa" else generation_metrics)(outputs, references)
+    metrics = {f"task.{name}": round(value, 5) for name, value in task.items()}
+    metrics["perplexity"] = round(perplexity(model, rows, cfg.batch_size), 5)
+    return metrics, outputs

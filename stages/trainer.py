@@ -1,0 +1,302 @@
+"""The training step and the Hugging Face `Trainer` around it, at module level so a reader (and a
+test) finds them: `step_loss` is the loss of one batch, `FinetuneTrainer` scales it over the
+accumulated step, `Observer` writes curves and completes checkpoints. Imported by train.py after
+its params are checked (this module imports torch and transformers).
+
+Batches: examples of similar length (or packed rows whose examples attend only to themselves),
+right padding without an attention mask (causal attention never looks right, so real tokens cannot
+see the padding), and logits computed only where a label is trained.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+
+from common import write_json, write_text
+
+log = logging.getLogger("finetune.train")
+
+IGNORE = -100
+PLOT_KEYS = ["loss", "learning_rate", "grad_norm", "tokens_per_second", "eval_loss"]
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def pack(rows: list[dict], capacity: int) -> list[dict]:
+    """Best-fit-decreasing packing of examples into rows of at most `capacity` tokens. Every example
+    keeps position ids 0..n-1, from which the model builds a block-diagonal causal mask: an example
+    attends only to itself. Its first label is masked so no loss crosses a boundary."""
+    longest = max(len(row["input_ids"]) for row in rows)
+    if longest > capacity:
+        raise SystemExit(f"train.packing_length ({capacity}) is shorter than the longest example ({longest} tokens); "
+                         f"raise it to at least {longest}")
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]), i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, bin), sorted: the tightest bin that fits is found by bisect
+    for index in order:
+        size = len(rows[index]["input_ids"])
+        slot = bisect.bisect_left(free, (size, -1))
+        if slot == len(free):
+            bins.append([index])
+            bisect.insort(free, (capacity - size, len(bins) - 1))
+        else:
+            space, target = free.pop(slot)
+            bins[target].append(index)
+            bisect.insort(free, (space - size, target))
+    packed = []
+    for members in bins:
+        row = {"input_ids": [], "labels": [], "position_ids": []}
+        for index in members:
+            example = rows[index]
+            row["input_ids"] += example["input_ids"]
+            row["labels"] += [IGNORE] + example["labels"][1:]
+            row["position_ids"] += list(range(len(example["input_ids"])))
+        packed.append(row)
+    return packed
+
+
+class LengthGroupedSampler:
+    """Index order whose consecutive `batch_size` chunks hold examples of similar length, in an order
+    shuffled from (seed, epoch) alone, so a resumed run replays exactly the batches it missed."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: bool, megabatches: int = 32):
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
+        self.megabatch = batch_size * megabatches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        if not self.group:
+            return iter(order)
+        batches = []
+        for start in range(0, len(order), self.megabatch):
+            chunk = sorted(order[start:start + self.megabatch], key=lambda i: self.lengths[i])
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        last = batches.pop() if len(batches[-1]) < self.batch_size else None  # a short batch stays last
+        rng.shuffle(batches)
+        return iter([index for batch in batches + ([last] if last else []) for index in batch])
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right padding and no attention mask: under causal attention no real token sees a later pad."""
+
+
+    width = max(len(example["input_ids"]) for example in examples)
+    batch = {"input_ids": torch.tensor([e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in examples]),
+             "labels": torch.tensor([e["labels"] + [IGNORE] * (width - len(e["labels"])) for e in examples])}
+    if "position_ids" in examples[0]:  # the padding tail is a segment of its own
+        batch["position_ids"] = torch.tensor([e["position_ids"] + list(range(width - len(e["position_ids"])))
+                                              for e in examples])
+    batch["num_real_tokens"] = torch.tensor(sum(len(e["input_ids"]) for e in examples))
+    return batch
+
+
+# --------------------------------------------------------------------------- the step
+def step_loss(model, batch: dict, virtual_tokens: int = 0, keep_logits: bool = True):
+    """(summed cross-entropy over the trained next-token positions, their count, the model output) for
+    one collated batch. With `keep_logits` the model computes logits (and their backward) only at
+    positions whose next token is trained; prompt tuning's virtual tokens come first in the logits.
+    use_cache=False: with a cache the model ignores the packed segments in position_ids."""
+    inputs = {key: value for key, value in batch.items() if key not in ("labels", "num_real_tokens")}
+    targets = batch["labels"][:, 1:]
+    if keep_logits:
+        keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
+        outputs = model(**inputs, use_cache=False, logits_to_keep=keep + virtual_tokens)
+        logits, targets = outputs.logits, targets[:, keep]
+    else:
+        outputs = model(**inputs, use_cache=False)
+        logits = outputs.logits[:, virtual_tokens:-1]
+    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+    return loss_sum, (targets != IGNORE).sum(), outputs
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What the trainer needs beyond TrainingArguments."""
+    seed: int  # drives the batch order (LengthGroupedSampler)
+    group_by_length: bool
+    virtual_tokens: int = 0  # prompt tuning prepends these to the logits
+    keep_logits: bool = True  # the model takes `logits_to_keep`
+
+
+class FinetuneTrainer(Trainer):
+    """The HF Trainer with our batch order, our loss (`step_loss` over the tokens of the whole
+    accumulated step) and a stop on a non-finite loss or gradient norm."""
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated step
+
+    def __init__(self, *args, step: StepSettings, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step = step
+        self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch
+        self.session_tokens = [0, 0]  # real, processed (with padding) in this process run
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return LengthGroupedSampler([len(row["input_ids"]) for row in dataset], self.args.per_device_train_batch_size,
+                                    self.step.seed, self.step.group_by_length)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, targets, outputs = step_loss(model, inputs, self.step.virtual_tokens, self.step.keep_logits)
+        if num_items_in_batch is None:
+            loss = loss / targets.clamp(min=1)
+        else:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # DDP averages gradients over processes
+        if model.training:
+            labels = inputs["labels"]
+            counts = torch.stack([inputs["num_real_tokens"].to(labels.device),
+                                  torch.tensor(labels.numel(), device=labels.device)])
+            if self.args.world_size > 1:
+                counts = self.accelerator.gather(counts[None]).sum(0)
+            self.state.num_input_tokens_seen += int(counts[0])
+            self.session_tokens = [self.session_tokens[0] + int(counts[0]), self.session_tokens[1] + int(counts[1])]
+            if self.args.world_size == 1 and not torch.isfinite(loss):  # with DDP the grad norm check catches it
+                raise NonFiniteError(f"train: loss is {loss.item()} at step {self.state.global_step + 1}")
+        return (loss, outputs) if return_outputs else loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise NonFiniteError(f"train: gradient norm is {float(grad_norm)} at step {self.state.global_step + 1}")
+        return grad_norm
+
+
+# --------------------------------------------------------------------------- curves and checkpoints
+class Observer(TrainerCallback):
+    """Curves, one log line per logging step, a final log at the last step, completeness markers."""
+
+    def __init__(self, plots_dir: Path, fingerprint: dict, keep_checkpoints: int):
+        self.plots_dir, self.fingerprint, self.keep_checkpoints = Path(plots_dir), fingerprint, keep_checkpoints
+        self.last = (time.time(), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = (time.time(), state.num_input_tokens_seen)
+        if state.is_world_process_zero:
+            write_plots(state.log_history, self.plots_dir)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        entry = state.log_history[-1]
+        if "loss" in entry:
+            now, tokens = time.time(), state.num_input_tokens_seen
+            entry["tokens_per_second"] = round((tokens - self.last[1]) / max(now - self.last[0], 1e-9), 1)
+            entry["num_input_tokens_seen"] = tokens
+            self.last = (now, tokens)
+        if not state.is_world_process_zero:
+            return
+        if "loss" in entry:
+            log.info("step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %.0f tokens/s  rss %d MiB", state.global_step,
+                     state.max_steps, entry["loss"], entry.get("learning_rate", 0), entry.get("grad_norm", 0),
+                     entry["tokens_per_second"], peak_rss_mb())
+        if "eval_loss" in entry:
+            log.info("step %d  eval_loss %.4f", state.global_step, entry["eval_loss"])
+        if "loss" in entry or "eval_loss" in entry:
+            append_plots(entry, self.plots_dir)
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.world_size > 1:
+            torch.distributed.barrier()  # every process has written its RNG state
+        if state.is_world_process_zero:
+            write_json(path / "finetune.json", {"step": state.global_step, "fingerprint": self.fingerprint})
+            for old in complete_checkpoints(args.output_dir)[:-self.keep_checkpoints]:
+                shutil.rmtree(old)
+
+
+class QuietProgress(ProgressCallback):
+    """The bar stays; the raw dict per log goes (Observer logs a line)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    found = [path for path in Path(folder).glob("checkpoint-*") if (path / "finetune.json").exists()]
+    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
+
+
+def append_plots(entry: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in PLOT_KEYS:
+        if entry.get(key) is not None:
+            path = folder / f"{key}.csv"
+            header = "" if path.exists() and path.stat().st_size else f"step,{key}\n"
+            with open(path, "a", encoding="utf-8") as handle:  # live, for a look during the run
+                handle.write(f"{header}{entry['step']},{entry[key]}\n")
+
+
+def write_plots(history: list[dict], folder: Path) -> None:
+    """The curves rebuilt from the Trainer's log history (restored with a checkpoint), so a resumed
+    run ends with the same curves as an uninterrupted one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in PLOT_KEYS:
+        rows = [f"{entry['step']},{entry[key]}\n" for entry in history if entry.get(key) is not None]
+        write_text(folder / f"{key}.csv", f"step,{key}\n" + "".join(rows))
+
+
+def peak_rss_mb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------- assembly
+def make_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int, checkpoint_dir: Path,
+                 fingerprint: dict, plots_dir: Path, callbacks=()) -> FinetuneTrainer:
+    """The Trainer for `cfg` (the `train` params) on explicit rows; checkpoints go to `checkpoint_dir`."""
+    import inspect
+
+    cuda = torch.cuda.is_available()
+    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    step = StepSettings(seed=seed, group_by_length=cfg.group_by_length or cfg.packing,
+                        virtual_tokens=cfg.prompt_tuning.num_virtual_tokens if cfg.method == "prompt_tuning" else 0,
+                        keep_logits="logits_to_keep" in inspect.signature(base_model.forward).parameters)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # any id: pads are never attended
+    saving = cfg.checkpoint_steps > 0
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir), seed=seed, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio (warmup_ratio is gone)
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optimizer, bf16=cfg.bf16,
+        fp16=cfg.fp16, activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        logging_steps=cfg.logging_steps, logging_nan_inf_filter=False,
+        save_strategy="steps" if saving else "no", save_steps=cfg.checkpoint_steps if saving else 500,
+        eval_strategy="steps" if cfg.eval_steps and eval_rows else "no", eval_steps=cfg.eval_steps or None,
+        report_to=[], use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=False, remove_unused_columns=False,
+        label_names=["labels"], prediction_loss_only=True, ddp_find_unused_parameters=False, save_only_model=False,
+    )
+    trainer = FinetuneTrainer(model=model, args=args, processing_class=tokenizer,
+                              train_dataset=pack(train_rows, cfg.packing_length) if cfg.packing else train_rows,
+                              eval_dataset=sorted(eval_rows, key=lambda row: len(row["input_ids"])) or None,
+                              data_collator=lambda examples: collate(examples, pad_id),
+                              callbacks=[Observer(plots_dir, fingerprint, cfg.keep_checkpoints), *callbacks], step=step)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress())
+    return trainer
