@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import lora_targets
 from common import ROOT, atomic_dir, offline_by_default, read_jsonl, require_complete, seed_everything, setup, write_json
 from reference import save_reference_logits
 from schema.train import Train
@@ -37,8 +38,6 @@ OUT = ROOT / "models" / "adapter"
 CHECKPOINTS = ROOT / "models" / "checkpoints"
 METRICS = ROOT / "metrics" / "train.json"
 PLOTS = ROOT / "metrics" / "train_plots"
-TARGETS = {"attention": ["q_proj", "v_proj"], "attention_all": ["q_proj", "k_proj", "v_proj", "o_proj"],
-           "all-linear": "all-linear"}
 # train params that change what is logged or kept, never the weights: a checkpoint stays valid across them
 NOT_IN_FINGERPRINT = {"logging_steps", "eval_steps", "checkpoint_steps", "keep_checkpoints", "threads"}
 SECTION_OF = {"lora": {"lora"}, "qlora": {"lora", "qlora"}, "prompt_tuning": {"prompt_tuning"}, "full": set()}
@@ -101,7 +100,7 @@ def build_model(base_dir: Path, cfg, local_rank: int):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.method in ("lora", "qlora"):
         lora = cfg.lora
-        targets = lora.target_modules if isinstance(lora.target_modules, list) else TARGETS[lora.target_modules]
+        targets = lora_targets.resolve(lora.target_modules, model)
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                  target_modules=targets, bias=lora.bias, use_rslora=lora.use_rslora,
                                                  use_dora=lora.use_dora, task_type="CAUSAL_LM"))
