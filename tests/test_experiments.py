@@ -136,7 +136,7 @@ def predict(repo, dotted: str, value) -> tuple[set[str], set[str]]:
 
 
 def restore(repo):
-    sh(repo, "git", "checkout", "-q", "--", ".")
+    sh(repo, "git", "checkout", "-q", "HEAD", "--", ".")  # from HEAD: dvc's autostage has staged the new dvc.lock
     sh(repo, "dvc", "checkout", "-q", "--force")
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
 
@@ -193,15 +193,17 @@ def test_each_stage_declares_exactly_the_params_keys_it_read(pipeline):
 @pytest.mark.slow
 def test_exp_run_reruns_what_status_predicts_and_reproduces_the_metrics(pipeline):
     stale, predicted = predict(pipeline, "evaluate.num_examples", 2)
-    result = sh(pipeline, "dvc", "exp", "run", "--set-param", "evaluate.num_examples=2")
-    # what `dvc status` called stale ran and nothing else: metrics/eval.json came out identical, so publish
-    # (its model card quotes it) did not rerun, and quantize does not read evaluate.num_examples
-    assert stale == {"check_params", "evaluate"} and ran(result.stdout) == stale, (stale, result.stdout)
-    assert len(json.loads((pipeline / "metrics/examples.json").read_text())) == 2
-    # evaluate ran again: same params and seed, same numbers, to the bit
-    committed = check_metrics.read_revision("metrics", "HEAD", cwd=pipeline)
-    assert check_metrics.compare(committed, check_metrics.read_folder(pipeline / "metrics"), rtol=0, atol=0) == []
-    restore(pipeline)
+    try:
+        result = sh(pipeline, "dvc", "exp", "run", "--set-param", "evaluate.num_examples=2")
+        # what `dvc status` called stale ran and nothing else: metrics/eval.json came out identical, so publish
+        # (its model card quotes it) did not rerun, and quantize does not read evaluate.num_examples
+        assert stale == {"check_params", "evaluate"} and ran(result.stdout) == stale, (stale, result.stdout)
+        assert len(json.loads((pipeline / "metrics/examples.json").read_text())) == 2
+        # evaluate ran again: same params and seed, same numbers, to the bit
+        committed = check_metrics.read_revision("metrics", "HEAD", cwd=pipeline)
+        assert check_metrics.compare(committed, check_metrics.read_folder(pipeline / "metrics"), rtol=0, atol=0) == []
+    finally:
+        restore(pipeline)
     # the comparison table of scripts/sweep.sh (and the README): the columns that tell the story
     keep = re.search(r"--keep '([^']+)'", (ROOT / "scripts" / "sweep.sh").read_text()).group(1)
     table = sh(pipeline, "dvc", "exp", "show", "--no-pager", "--md", "--drop", ".*", "--keep", keep).stdout
@@ -213,18 +215,22 @@ def test_exp_run_reruns_what_status_predicts_and_reproduces_the_metrics(pipeline
 
 @pytest.mark.slow
 def test_a_quality_threshold_reruns_quantize_only(pipeline):
-    result = sh(pipeline, "dvc", "exp", "run", "--set-param", "quantize.checks.gguf_q8_0.min_top1_agreement=0.5")
-    assert ran(result.stdout) == {"check_params", "quantize"}, result.stdout
-    restore(pipeline)
+    try:
+        result = sh(pipeline, "dvc", "exp", "run", "--set-param", "quantize.checks.gguf_q8_0.min_top1_agreement=0.5")
+        assert ran(result.stdout) == {"check_params", "quantize"}, result.stdout
+    finally:
+        restore(pipeline)
 
 
 @pytest.mark.slow
 def test_a_logging_knob_reruns_train_only_and_dvc_stops_at_the_identical_adapter(pipeline):
     adapter = digest(pipeline / "models/adapter")
-    result = sh(pipeline, "dvc", "exp", "run", "--set-param", "train.logging_steps=5")
-    assert ran(result.stdout) == {"check_params", "train"}, result.stdout
-    assert digest(pipeline / "models/adapter") == adapter
-    restore(pipeline)
+    try:
+        result = sh(pipeline, "dvc", "exp", "run", "--set-param", "train.logging_steps=5")
+        assert ran(result.stdout) == {"check_params", "train"}, result.stdout
+        assert digest(pipeline / "models/adapter") == adapter
+    finally:
+        restore(pipeline)
 
 
 @pytest.mark.slow
@@ -238,18 +244,20 @@ def test_editing_the_train_schema_reruns_train_and_nothing_upstream(pipeline):
         assert ran(result.stdout) == {"check_params", "train"}, result.stdout  # the adapter came out the same
     finally:
         schema.write_text(original)
-    restore(pipeline)
+        restore(pipeline)
 
 
 @pytest.mark.slow
 def test_a_param_that_changes_no_data_stops_the_rerun_at_its_stage(pipeline):
     stale, predicted = predict(pipeline, "dedup_filter.max_chars", 5000)
     assert {"dedup_filter", "format", "train"} <= predicted
-    result = sh(pipeline, "dvc", "exp", "run", "--set-param", "dedup_filter.max_chars=5000")
-    # no row is between 4000 and 5000 characters: data/clean is unchanged, so format and the
-    # rest keep their results (DVC hashes the data; the params changed only dedup_filter's lock)
-    assert ran(result.stdout) == {"check_params", "dedup_filter"}, result.stdout
-    restore(pipeline)
+    try:
+        result = sh(pipeline, "dvc", "exp", "run", "--set-param", "dedup_filter.max_chars=5000")
+        # no row is between 4000 and 5000 characters: data/clean is unchanged, so format and the
+        # rest keep their results (DVC hashes the data; the params changed only dedup_filter's lock)
+        assert ran(result.stdout) == {"check_params", "dedup_filter"}, result.stdout
+    finally:
+        restore(pipeline)
 
 
 @pytest.mark.slow
