@@ -23,9 +23,10 @@ have_pkg() {
 import importlib.metadata as m, sys
 import sentencepiece
 ok = m.version("llama_cpp_python") == "$VERSION"
-if ok:  # a build with AMX kernels (see below) crashes on AMX CPUs: treat it as not installed
+if ok:  # the fixed-instruction-set build below (AVX2, no AVX-512, no AMX): a native build is not installed
     import llama_cpp
-    ok = "AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode()
+    info = llama_cpp.llama_print_system_info().decode()
+    ok = "AVX2 = 1" in info and "AVX512 = 1" not in info and "AMX_INT8 = 1" not in info
 sys.exit(not ok)
 EOF
 }
@@ -50,15 +51,16 @@ fi
 
 if ! have_pkg; then
   # Only the shared libs the Python package loads: no mtmd/llava (multimodal; imported lazily),
-  # no tests/examples/tools/server, no openssl. -march=native (GGML_NATIVE=ON): the build is used
-  # where it is built. AMX is compiled out (-mno-amx-*): on AMX CPUs (Sapphire Rapids+) ggml's AMX
-  # matmul segfaults in ldtilecfg for Q8_0/Q4_0/K-quant weights (llama.cpp issue #20824, PR #26954),
-  # seen here on the first decode of a Q8_0 model. --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS.
+  # no tests/examples/tools/server, no openssl. One fixed instruction set, not -march=native: AVX2 + FMA
+  # + F16C (any x86-64 CPU since 2013-2015), so every such machine runs the same kernels and the GGUF
+  # metrics are the same numbers everywhere (a native build on an AVX-512 CPU takes other float paths).
+  # AMX is compiled out (-mno-amx-*): on AMX CPUs ggml's AMX matmul segfaults in ldtilecfg for
+  # Q8_0/Q4_0/K-quant weights (llama.cpp issue #20824). --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS.
   NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-  ARGS="${LLAMACPP_CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON}"
-  # The wheel is native to this CPU and these flags: keep it in a per-machine cache keyed by both,
-  # so a fresh clone (CI) on the same machine installs in seconds instead of rebuilding for minutes.
-  KEY=$(printf '%s\n%s\n%s\n' "$VERSION" "$ARGS $NOAMX" "$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)" | sha256sum | cut -c1-16)
+  ARGS="${LLAMACPP_CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF}"
+  # The wheel depends only on these flags: keep it in a cache keyed by them, so a fresh clone (CI)
+  # on the same machine installs in seconds instead of rebuilding for minutes.
+  KEY=$(printf '%s\n%s\n' "$VERSION" "$ARGS $NOAMX" | sha256sum | cut -c1-16)
   WHEELS="$CACHE/llama-cpp-python-$KEY"
   start=$(date +%s)
   if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
@@ -68,6 +70,7 @@ if ! have_pkg; then
       "$PY" -m pip wheel --quiet --no-cache-dir --no-deps "$SDIST" -w "$WHEELS.tmp"
     rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS"
   fi
+  "$PY" -m pip uninstall --quiet --yes llama_cpp_python 2>/dev/null || true  # same version, other build
   "$PY" -m pip install --quiet "$WHEELS"/llama_cpp_python-*.whl sentencepiece
   echo "llama-cpp-python $VERSION built and installed in $(( $(date +%s) - start )) s"
 fi

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import platform
 import random
 import shutil
 import sys
@@ -20,6 +21,23 @@ from schema.core import PARAMS_FILE, ROOT, ParamsError, read_yaml, tracked, vali
 COMPLETE = ".complete"  # marker written last inside every output directory
 
 log = logging.getLogger("finetune")
+
+# The float code paths of torch on x86-64, pinned to what every AVX2 CPU has, so that the same params, data
+# and seed give bit-identical metrics on any such machine, whatever its vendor or vector width: ATen's
+# vectorised kernels (softmax, norms, reductions) at AVX2 rather than AVX-512 where the CPU has it, MKL's
+# GEMM in conditional numerical reproducibility mode on its AVX2 branch (Intel otherwise picks its kernel
+# by CPU), oneDNN (bf16 paths) at AVX2. Set before torch is imported (every stage imports this module
+# first); a value already in the environment wins; FINETUNE_CPU_PINS=0 turns them off (README "Determinism").
+CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def pin_cpu_code_paths() -> None:
+    if os.environ.get("FINETUNE_CPU_PINS", "1") != "0" and platform.machine().lower() in ("x86_64", "amd64"):
+        for name, value in CPU_PINS.items():
+            os.environ.setdefault(name, value)
+
+
+pin_cpu_code_paths()
 
 
 # --------------------------------------------------------------------------- runtime

@@ -325,18 +325,22 @@ EXPECTED = {
 }
 
 
-def test_check_metrics_accepts_a_rerun_within_tolerance_and_ignores_timings(tmp_path):
+def test_check_metrics_is_exact_by_default_and_its_tolerance_still_catches_one_flipped_prediction(tmp_path):
     expected = write(tmp_path / "expected", EXPECTED)
     rerun = json.loads(json.dumps(EXPECTED))
-    rerun["eval.json"]["perplexity"] = 1.6331  # 0.04% off
-    rerun["eval.json"]["task.accuracy"] = 0.8674 + 1 / 181  # one flipped prediction
     rerun["train.json"].update(train_seconds=80.2, tokens_per_second=3900.0, peak_memory_mb=692)  # the machine
-    rerun["train_curve.csv"] = "step,loss\n10,2.559\n20,1.389\n"
     rerun["examples.json"] = [{"input": "a", "finetuned": "other"}]  # shown to humans, not a metric
-    actual = write(tmp_path / "actual", rerun)
-    assert check_metrics.main([str(expected), str(actual)]) == 0
-    assert check_metrics.main([str(expected), str(expected), "--exact"]) == 0
-    assert check_metrics.main([str(expected), str(actual), "--exact"]) == 1
+    same_model = write(tmp_path / "same", rerun)
+    assert check_metrics.main([str(expected), str(same_model)]) == 0  # exact, timings and examples skipped
+    noisy = json.loads(json.dumps(rerun))
+    noisy["eval.json"]["perplexity"] = 1.63246  # 4e-5 relative: float noise of a GPU run
+    noisy["train_curve.csv"] = "step,loss\n10,2.5581\n20,1.389\n"
+    noisy = write(tmp_path / "noisy", noisy)
+    assert check_metrics.main([str(expected), str(noisy)]) == 1
+    assert check_metrics.main([str(expected), str(noisy), "--tolerance"]) == 0
+    flipped = json.loads(json.dumps(rerun))
+    flipped["eval.json"]["task.accuracy"] = 0.8674 + 1 / 180  # one test prediction changed
+    assert check_metrics.main([str(expected), str(write(tmp_path / "flipped", flipped)), "--tolerance"]) == 1
 
 
 def test_check_metrics_names_every_difference(tmp_path, capsys):
