@@ -161,7 +161,9 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
 
 def coding_metrics(outcomes: list[list], ks: list[int]) -> dict:
     """outcomes[problem][sample] are sandbox.Outcome; pass@k for every k <= samples per problem,
-    the share of programs that compile, and the share of test cases passed over all programs."""
+    the share of programs that compile, the share of test cases passed over all programs, the
+    programs caught trying to fake their score (`suspicious`, scored as failed), and the test cases
+    judged the weaker way, inside the program's own process (`unverified_tests`)."""
     programs = [outcome for problem in outcomes for outcome in problem]
     samples = min((len(problem) for problem in outcomes), default=0)
     metrics = {f"pass@{k}": sum(pass_at_k(len(problem), sum(o.all_passed for o in problem), k) for problem in outcomes)
@@ -170,4 +172,6 @@ def coding_metrics(outcomes: list[list], ks: list[int]) -> dict:
     metrics["syntax_valid_rate"] = sum(outcome.syntax_ok for outcome in programs) / max(len(programs), 1)
     metrics["test_pass_rate"] = sum(sum(outcome.passed) for outcome in programs) / max(tests_run, 1)
     metrics["timeouts"] = sum(outcome.status == "timeout" for outcome in programs)
+    metrics["suspicious"] = sum(outcome.suspicious for outcome in programs)
+    metrics["unverified_tests"] = sum(outcome.verified.count(False) for outcome in programs)
     return metrics

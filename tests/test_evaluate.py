@@ -78,7 +78,8 @@ def test_coding_metrics_from_sandbox_outcomes():
     slow = Outcome("timeout", True, [True, False])
     metrics = tm.coding_metrics([[passing, half], [broken, slow]], [1, 2])
     assert metrics == pytest.approx({"pass@1": 0.25, "pass@2": 0.5, "syntax_valid_rate": 0.75,
-                                     "test_pass_rate": 4 / 8, "timeouts": 1})
+                                     "test_pass_rate": 4 / 8, "timeouts": 1,
+                                     "suspicious": 0, "unverified_tests": 0})
 
 
 def test_code_and_tests_are_extracted_from_answers_and_prompts():
@@ -168,7 +169,8 @@ def test_reference_programs_pass_through_the_coding_path(tiny):
              "def neg(x):\n    return -x", "def neg(x):\n    return -x"]
     metrics = scoring.score_programs(texts, rows, tokenizer, section("evaluate.coding", num_samples=2, k=[1, 2], timeout_seconds=5))
     assert metrics == pytest.approx({"pass@1": (0.5 + 1) / 2, "pass@2": 1.0, "syntax_valid_rate": 1.0,
-                                     "test_pass_rate": (2 + 1 + 1 + 1) / 6, "timeouts": 0})
+                                     "test_pass_rate": (2 + 1 + 1 + 1) / 6, "timeouts": 0,
+                                     "suspicious": 0, "unverified_tests": 0})
 
 
 def test_coding_rows_without_tests_are_refused(tiny):
