@@ -5,7 +5,8 @@ Deterministic: one fixed seed, stdlib `random.Random` only, so a rerun rewrites 
 
 Writes under DIR (default: this folder):
   raw/support_tickets.jsonl   default task, Alpaca rows; the label set is LABELS.
-  pretrain/documents.jsonl    {"text"} general-knowledge prose and everyday stories for the tiny base.
+  pretrain/documents.jsonl    {"text"} general-knowledge prose, everyday stories and plain-text quizzes
+                              for the tiny base.
   pretrain/qa.jsonl           {"question", "answer"} short general Q&A.
   general/general_knowledge.jsonl  4-way multiple choice questions for the lm-eval task in
                               general/general_knowledge.yaml (hand-written), the forgetting check.
@@ -30,6 +31,7 @@ SEED = 20240611
 ROWS_PER_LABEL = 250
 EXACT_DUPLICATES = 40
 NEAR_DUPLICATES = 40
+QUIZ_PAIRS = 8000  # "Question: ...\nAnswer: ..." pairs in documents.jsonl; 4000 left the base at 0.47-0.69
 DISTINCT_BELOW = 0.6  # Jaccard of word 3-grams of whole rows; base rows stay below it, near-duplicates above 0.85
 BLANK_LINES = (300, 900, 1400)
 ROUTE = b'{"instruction": "Route this support ticket.", '
@@ -276,12 +278,15 @@ OPPOSITE_PAIRS = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "
 OPPOSITES = {**OPPOSITE_PAIRS, **{second: first for first, second in OPPOSITE_PAIRS.items()}}
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 NUMBER_WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+# Statements also use the held-out questions' key words ("follows", "belongs to ... group"): a base learns a word
+# from text, and a question in words it never saw tests the wording, not the fact.
 FACT_KINDS = [  # (facts, statements, training questions, held-out eval question, eval questions drawn)
     (CAPITALS, ["The capital of {k} is {v}.", "{v} is the capital of {k}.", "{v} is the capital city of {k}."],
      ["What is the capital of {k}?", "What city is the capital of {k}?"], "Which city is the capital of {k}?", 20),
     (SOUNDS, ["{a_k} says {v}.", "The sound {a_k} makes is {v}.", "You can hear {a_k} {v}."],
      ["What sound does {a_k} make?", "What does {a_k} say?"], "Which of these sounds does {a_k} make?", 12),
-    (CLASSES, ["{a_k} is {a_v}.", "The {k} is {a_v}.", "Every {k} is {a_v}."],
+    (CLASSES,
+     ["{a_k} is {a_v}.", "The {k} is {a_v}.", "Every {k} is {a_v}.", "The {k} belongs to the {v} group."],
      ["What kind of animal is {a_k}?", "Is {a_k} a mammal, bird, fish, reptile, amphibian or insect?"],
      "What group of animals does the {k} belong to?", 12),
     (COLORS, ["The color of {k} is {v}.", "{k} is {v}.", "Most of the time {k} is {v}."],
@@ -291,9 +296,11 @@ FACT_KINDS = [  # (facts, statements, training questions, held-out eval question
     ({f"{a} plus {b}": str(a + b) for a in range(1, 10) for b in range(1, 10)},
      ["{k} is {v}.", "{k} makes {v}.", "{k} equals {v}."], ["What is {k}?", "What do you get for {k}?"],
      "How much is {k}?", 25),
-    (dict(zip(DAYS, DAYS[1:] + DAYS[:1])), ["The day after {k} is {v}.", "{v} comes after {k}."],
+    (dict(zip(DAYS, DAYS[1:] + DAYS[:1])),
+     ["The day after {k} is {v}.", "{v} comes after {k}.", "{v} follows {k}."],
      ["What day comes after {k}?"], "Which day follows {k}?", 7),
-    (dict(zip(MONTHS, MONTHS[1:] + MONTHS[:1])), ["The month after {k} is {v}.", "{v} comes after {k}."],
+    (dict(zip(MONTHS, MONTHS[1:] + MONTHS[:1])),
+     ["The month after {k} is {v}.", "{v} comes after {k}.", "{v} follows {k}."],
      ["What month comes after {k}?"], "Which month follows {k}?", 12),
     (dict(zip(NUMBER_WORDS, MONTHS)), ["{v} is month number {k} of the year."], ["Which month is month number {k}?"],
      "", 0),
@@ -758,6 +765,21 @@ def pretrain(rng: random.Random, target_chars: int = 380_000, qa_pairs: int = 40
     return "".join(documents).encode(), "".join(qa).encode()
 
 
+def quiz(rng: random.Random, pairs: int = QUIZ_PAIRS) -> bytes:
+    """The facts as plain-text quizzes in the lm-eval task's own format ("Question: ...\nAnswer: ..."), so the base
+    answers in it; training phrasings only, the eval's stay held out. A fact in prose alone does not carry over to a
+    question about it: the tiny base must see the question form too."""
+    kinds, documents, written = facts(), [], 0
+    while written < pairs:
+        lines = []
+        for _ in range(min(rng.randint(3, 8), pairs - written)):
+            _, questions, answer = rng.choice(rng.choice(kinds))
+            lines.append(f"Question: {rng.choice(questions)}\nAnswer: {answer}")
+        documents.append(json.dumps({"text": "\n\n".join(lines)}) + "\n")
+        written += len(lines)
+    return "".join(documents).encode()
+
+
 def general_eval(rng: random.Random) -> bytes:
     """Held-out phrasings of the corpus facts; distractors are answers of the same kind."""
     questions = []
@@ -776,6 +798,7 @@ def generate() -> dict[str, bytes]:
     """All shipped files as {relative path: bytes}; each dataset has its own seeded stream."""
     documents, qa = pretrain(random.Random(SEED + 1))
     documents += everyday(random.Random(SEED + 3))  # the base shuffles documents, so the order is only cosmetic
+    documents += quiz(random.Random(SEED + 4))
     return {"raw/support_tickets.jsonl": support_tickets(random.Random(SEED)),
             "pretrain/documents.jsonl": documents, "pretrain/qa.jsonl": qa,
             "general/general_knowledge.jsonl": general_eval(random.Random(SEED + 2))}

@@ -54,8 +54,11 @@ def build_tokenizer(documents: list[str], chats: list[list[dict]], vocab_size: i
     bos = tok.token_to_id("<|bos|>")
     tok.post_processor = processors.TemplateProcessing(
         single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", bos)])
+    # unk_token=None is saved as `"unk_token": null`: left out, a model-specific tokenizer class (Qwen2Tokenizer,
+    # GPT2Tokenizer, LlamaTokenizer...; AutoTokenizer picks one by the config's model_type) adds its default unk
+    # (`<|endoftext|>`, `<unk>`) as a new id 2048, one past the embedding
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|im_end|>",
-                                   pad_token="<|pad|>", chat_template=CHATML, model_max_length=512)
+                                   pad_token="<|pad|>", unk_token=None, chat_template=CHATML, model_max_length=512)
 
 
 def token_stream(tokenizer, documents: list[str], chats: list[list[dict]], seed: int) -> list[int]:
@@ -138,6 +141,25 @@ def fetch(base: str, revision: str | None, out: Path) -> dict:
     return {"source": base, "revision": commit}
 
 
+def check_vocabulary(model_dir: Path) -> dict:
+    """Refuse a base whose tokenizer has ids the model's embedding lacks, as every later stage would load it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    rows = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    past = sorted((index, token) for token, index in tokenizer.get_vocab().items() if index >= rows)
+    if past:
+        raise SystemExit(
+            f"model.base: the tokenizer has {len(past)} token id(s) at or past the model's vocab_size={rows} "
+            f"(its embedding rows): {', '.join(f'{token!r}={index}' for index, token in past[:5])}"
+            f"{' ...' if len(past) > 5 else ''}. Such an id indexes past the embedding matrix, and llama.cpp's "
+            f"converter refuses the model. Fix the tokenizer (a token added without resizing the embeddings, or a "
+            f"special token its tokenizer class ({type(tokenizer).__name__}) adds by default: state it in "
+            "tokenizer_config.json, null included), or resize the embeddings (model.resize_token_embeddings"
+            "(len(tokenizer))) and save the model again")
+    return {"tokenizer_size": len(tokenizer), "vocab_size": rows}
+
+
 def main() -> None:
     params = setup("base", {"model": ModelParams})
     cfg = params.model
@@ -148,6 +170,7 @@ def main() -> None:
     torch.set_num_threads(params.threads)
     with atomic_dir(OUT) as tmp:
         info = build_builtin(cfg.builtin, tmp) if cfg.base == "builtin" else fetch(cfg.base, cfg.revision, tmp)
+        info.update(check_vocabulary(tmp))
         write_json(tmp / "base.json", info)
     log.info("base model ready in %s: %s", OUT, json.dumps(info))
 

@@ -10,6 +10,9 @@ before and after, failing or warning past `evaluate.general.max_drop`).
 
 `scoring.evaluate_model(model, tokenizer, rows, cfg)` is the core shared with the merged and quantized
 models; the metric functions themselves live in task_metrics.py, the code sandbox in sandbox.py.
+The model runs where the top-level `device` / `dtype` params put it (device.py); the peak host and GPU
+memory of each mode go to `metrics/memory/<stage>.json`, so that eval.json and eval_base.json hold only
+numbers that a rerun reproduces.
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ import logging
 import re
 import sys
 
+import device
 from common import ROOT, offline_by_default, read_jsonl, require_complete, seed_everything, setup, write_json, write_text
 from schema.evaluate import Evaluate
-from scoring import evaluate_model, label_choices
+from scoring import LOGITS_BUDGET_BYTES, evaluate_model, label_choices
 from task_metrics import UNPARSEABLE, normalise_label, parse_label, per_class_report
 
 log = logging.getLogger("finetune.evaluate")
@@ -39,6 +43,7 @@ EXAMPLES = ROOT / "metrics" / "examples.json"
 CONFUSION = ROOT / "metrics" / "confusion.csv"
 BASE_CONFUSION = ROOT / "metrics" / "confusion_base.csv"
 IGNORE = -100
+GENERAL_TOKENS_PER_ROW = 128  # what one lm-eval request is assumed to hold when its batch is bounded by the budget
 
 
 def class_breakdown(outputs: list[str], rows: list[dict], cfg) -> tuple[dict, list[tuple[str, str]]]:
@@ -60,13 +65,18 @@ def local_tasks() -> set[str]:
 def general_scores(model, tokenizer, cfg, batch_size: int) -> tuple[dict, set[str]]:
     """lm-eval scores of `evaluate.general.tasks` on this very model object: `general.<task>.<metric>`,
     and the keys where lower is better. Only tasks outside data/general need the harness's built-in
-    index (~5 s to build) and, usually, the network."""
+    index (~5 s to build) and, usually, the network. lm-eval computes every position's logits (and their
+    log-softmax), so its batch is bounded by the scoring budget too."""
     if not cfg.tasks:
         return {}, set()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from scoring import vocab_size
+
+    per_row = GENERAL_TOKENS_PER_ROW * vocab_size(model) * 8  # float32 logits and their log-softmax
+    batch_size = max(1, min(batch_size, LOGITS_BUDGET_BYTES // per_row))
     manager = TaskManager(include_path=str(GENERAL), include_defaults=not set(cfg.tasks) <= local_tasks())
     with contextlib.chdir(ROOT):  # a local task's data_files are relative to the repository root
         results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
@@ -102,20 +112,22 @@ def drop_verdict(drops: dict[str, float], cfg) -> str | None:
 
 
 # --------------------------------------------------------------------------- the stage
-def load(adapter: bool):
-    """The base, or the fine-tuned model: base + adapter, or the whole model that full fine-tuning saved."""
-    import torch
+def load(base_dir, adapter_dir, placement: device.Placement):
+    """The base (adapter_dir None), or the fine-tuned model: base + adapter, or the whole model that full
+    fine-tuning saved; loaded straight into `placement`'s dtype on its device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = require_complete(ADAPTER if adapter else BASE)
-    if adapter and (folder / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        model = AutoModelForCausalLM.from_pretrained(require_complete(BASE), dtype=torch.float32)
-        model = PeftModel.from_pretrained(model, folder)
+    folder = require_complete(adapter_dir or base_dir)
+    if adapter_dir and (folder / "adapter_config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(require_complete(base_dir), **placement.load_kwargs())
+        model = device.load_adapter(model, folder)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, **placement.load_kwargs())
     return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def memory_file(stage: str):
+    return ROOT / "metrics" / "memory" / f"{stage}.json"
 
 
 def check_fingerprint(expected: str, folder) -> None:
@@ -125,9 +137,10 @@ def check_fingerprint(expected: str, folder) -> None:
                          f"{expected}; rerun train (dvc repro) so both use the same template and special tokens")
 
 
-def settings(cfg, seed: int, fingerprint: str) -> dict:
+def settings(cfg, seed: int, fingerprint: str, placement: device.Placement) -> dict:
     """What the base's numbers depend on; evaluate refuses a baseline made with anything else."""
-    return {"seed": seed, "fingerprint": fingerprint, "task": cfg.task, "max_new_tokens": cfg.max_new_tokens,
+    return {"seed": seed, "fingerprint": fingerprint, "device": placement.device, "dtype": placement.dtype,
+            "task": cfg.task, "max_new_tokens": cfg.max_new_tokens,
             "classification": cfg.classification.model_dump(), "coding": cfg.coding.model_dump(),
             "general": {"tasks": cfg.general.tasks, "limit": cfg.general.limit},
             "test_sha256": hashlib.sha256((DATA / "test.jsonl").read_bytes()).hexdigest()}
@@ -156,19 +169,22 @@ def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "adapter"
     if which not in ("adapter", "base"):
         raise SystemExit("usage: python stages/evaluation.py [base]")
-    params = setup("evaluate_base" if which == "base" else "evaluate", {"evaluate": Evaluate})
+    stage = "evaluate_base" if which == "base" else "evaluate"
+    params = setup(stage, {"evaluate": Evaluate})
     cfg = params.evaluate
+    placement = device.resolve(params.device, params.dtype)
     rows = read_jsonl(DATA / "test.jsonl")
     fingerprint = json.loads((DATA / "format.json").read_text())["fingerprint"]
     if which == "adapter":  # both checks before any model is loaded
         check_fingerprint(fingerprint, ADAPTER)
         base = json.loads(BASE_METRICS.read_text())
-        if base.get("settings") != settings(cfg, params.seed, fingerprint):
-            raise SystemExit(f"evaluate: {BASE_METRICS.relative_to(ROOT)} was made with other settings or test data; "
-                             "rerun it first: dvc repro evaluate_base")
+        if base.get("settings") != settings(cfg, params.seed, fingerprint, placement):
+            raise SystemExit(f"evaluate: {BASE_METRICS.relative_to(ROOT)} was made with other settings, test data or "
+                             "device/dtype; rerun it first: dvc repro evaluate_base")
     offline_by_default()
     seed_everything(params.seed, params.threads)
-    model, tokenizer = load(adapter=which == "adapter")
+    log.info("%s: %s", stage, placement)
+    model, tokenizer = load(BASE, ADAPTER if which == "adapter" else None, placement)
     metrics, outputs = evaluate_model(model, tokenizer, rows, cfg)
     scores, lower = general_scores(model, tokenizer, cfg.general, cfg.batch_size)
     metrics.update(scores)
@@ -176,8 +192,9 @@ def main() -> None:
     if cfg.task == "classification":
         per_class, pairs = class_breakdown(outputs, rows, cfg)
         metrics.update(per_class)
+    write_json(memory_file(stage), device.memory_metrics(placement))  # varies run to run: not in eval*.json
     if which == "base":
-        write_json(BASE_METRICS, {"settings": settings(cfg, params.seed, fingerprint), "metrics": metrics,
+        write_json(BASE_METRICS, {"settings": settings(cfg, params.seed, fingerprint, placement), "metrics": metrics,
                                   "lower_is_better": sorted(lower), "outputs": outputs})
         write_confusion(BASE_CONFUSION, pairs)
         log.info("evaluate_base done: %s (metrics/eval_base.json)", headline(metrics))

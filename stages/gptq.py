@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,40 @@ from pathlib import Path
 
 log = logging.getLogger("finetune.gptq")
 CALIBRATION = "calibration.jsonl"
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what GPTQModel's kernels take (-1: one group per row)
+DECODER_LAYER = re.compile(r"\.(layers|h|blocks)\.\d+\.")  # GPTQ quantizes the linear layers of the decoder blocks
+
+
+def layer_widths(model_dir) -> dict[str, int]:
+    """Input width of every linear layer GPTQ quantizes, from the safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    widths = {}
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as tensors:
+            for name in tensors.keys():
+                shape = tensors.get_slice(name).get_shape()
+                if name.endswith(".weight") and len(shape) == 2 and DECODER_LAYER.search(name):
+                    widths[name.removesuffix(".weight")] = shape[1]
+    return widths
+
+
+def check_group_size(model_dir, group_size: int) -> None:
+    """A group is a run of input columns sharing one scale: group_size must divide every layer's input width
+    (else GPTQModel's kernel fails deep inside, `expect K to be divisible by qGroupSize`)."""
+    widths = layer_widths(model_dir)
+    if group_size == -1 or not widths:
+        return
+    if group_size in GROUP_SIZES and all(width % group_size == 0 for width in widths.values()):
+        return
+    by_width: dict[int, list[str]] = {}
+    for name, width in widths.items():
+        by_width.setdefault(width, []).append(name.rsplit(".", 1)[-1])
+    described = "; ".join(f"{width}: {', '.join(sorted(set(names)))}" for width, names in sorted(by_width.items()))
+    valid = [size for size in GROUP_SIZES if size == -1 or all(width % size == 0 for width in widths.values())]
+    raise SystemExit(f"quantize.gptq.group_size={group_size} does not fit this model: a group is a run of input "
+                     f"columns, so it must divide every quantized layer's input width ({described}) and be one of "
+                     f"GPTQModel's sizes {list(GROUP_SIZES)}. Valid here: {valid}")
 
 
 def calibration_rows(train_rows: list[dict], size: int, seed: int) -> list[dict]:
@@ -32,9 +67,57 @@ def calibration_rows(train_rows: list[dict], size: int, seed: int) -> list[dict]
             for index in sorted(chosen)]
 
 
+def fuse_split_layers(merged_dir, out_dir) -> list[str]:
+    """GPTQModel 7.6.0 quantizes Phi-3's fused `gate_up_proj` as two layers, `gate_proj` and `up_proj`, and saves
+    them so; transformers (and vLLM) load `gate_up_proj`, and would leave it uninitialised (garbage g_idx). Join
+    them back where the merged model has the fused layer: concatenated along the output dimension (GPTQ packs
+    qweight along the input one, qzeros along the output one, 32 // bits per int32). Returns the joined layers."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    fused = []
+    for shard in Path(merged_dir).glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as tensors:
+            fused += [name.removesuffix(".weight") for name in tensors.keys() if name.endswith(".gate_up_proj.weight")]
+    joined = []
+    for shard in sorted(Path(out_dir).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(shard)
+        for layer in fused:
+            gate, up = layer.replace(".gate_up_proj", ".gate_proj"), layer.replace(".gate_up_proj", ".up_proj")
+            if f"{gate}.qweight" not in tensors and f"{up}.qweight" not in tensors:
+                continue
+            if f"{gate}.qweight" not in tensors or f"{up}.qweight" not in tensors:
+                raise SystemExit(f"quantize: GPTQ split {layer} into gate_proj/up_proj across shards; cannot join it back")
+            if not torch.equal(tensors[f"{gate}.g_idx"], tensors[f"{up}.g_idx"]):
+                raise SystemExit(f"quantize: GPTQ quantized {layer}'s halves with different column orders (desc_act), "
+                                 "which one fused layer cannot hold; use quantize.gptq.desc_act: false")
+            for part, dim in (("qweight", 1), ("qzeros", 1), ("scales", 1), ("bias", 0)):
+                if f"{gate}.{part}" in tensors:
+                    tensors[f"{layer}.{part}"] = torch.cat([tensors.pop(f"{gate}.{part}"), tensors.pop(f"{up}.{part}")], dim)
+            tensors[f"{layer}.g_idx"] = tensors.pop(f"{gate}.g_idx")
+            del tensors[f"{up}.g_idx"]
+            joined.append(layer)
+        if joined:
+            save_file(tensors, shard, metadata=metadata)
+    index = Path(out_dir) / "model.safetensors.index.json"
+    if joined and index.exists():
+        data = json.loads(index.read_text())
+        for layer in joined:
+            for name in [name for name in data["weight_map"] if name.startswith((layer.replace(".gate_up_proj", ".gate_proj."),
+                                                                                   layer.replace(".gate_up_proj", ".up_proj.")))]:
+                shard = data["weight_map"].pop(name)
+                data["weight_map"][f"{layer}.{name.rsplit('.', 1)[1]}"] = shard
+        index.write_text(json.dumps(data, indent=2))
+    return joined
+
+
 def quantize_gptq(merged_dir, out_dir, calibration: list[dict], cfg, threads: int) -> float:
     """Quantize merged_dir into out_dir (with calibration.jsonl beside it); returns the seconds it took."""
     out_dir = Path(out_dir)
+    check_group_size(merged_dir, cfg.group_size)
     with tempfile.TemporaryDirectory(prefix="gptq-") as scratch:
         spec = Path(scratch) / "spec.json"
         spec.write_text(json.dumps({"merged": str(Path(merged_dir).resolve()), "out": str(out_dir.resolve()),
@@ -51,6 +134,9 @@ def quantize_gptq(merged_dir, out_dir, calibration: list[dict], cfg, threads: in
         raise SystemExit(f"quantize: GPTQ (gptqmodel) failed with exit code {result.returncode}:\n"
                          f"{result.stderr[-4000:]}\nIs gptqmodel==7.6.0 installed (make install)? Or drop `gptq` "
                          "from quantize.formats")
+    joined = fuse_split_layers(merged_dir, out_dir)
+    if joined:
+        log.info("gptq: joined %d layers GPTQModel split (gate_proj + up_proj) back into gate_up_proj", len(joined))
     (out_dir / CALIBRATION).write_text("".join(json.dumps(row) + "\n" for row in calibration))
     log.info("gptq: %d-bit, group %d, desc_act %s, %d calibration rows, %.1f s", cfg.bits, cfg.group_size,
              cfg.desc_act, len(calibration), seconds)

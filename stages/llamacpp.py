@@ -51,6 +51,16 @@ def get_vocab_base_pre(self, tokenizer):
     finally:
         lg.setLevel(lvl)
 TextModel.get_vocab_base_pre = get_vocab_base_pre
+# transformers 5 saves GPT-NeoX's rotary_pct as rope_parameters.partial_rotary_factor; the converter reads rotary_pct
+from conversion.base import ModelBase
+orig_load_hparams = ModelBase.load_hparams
+def load_hparams(*args, **kwargs):
+    hparams = orig_load_hparams(*args, **kwargs)
+    rope = hparams.get("rope_parameters") or {}
+    if hparams.get("model_type") == "gpt_neox" and "rotary_pct" not in hparams and "partial_rotary_factor" in rope:
+        hparams["rotary_pct"] = rope["partial_rotary_factor"]
+    return hparams
+ModelBase.load_hparams = staticmethod(load_hparams)
 sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
 cv.main()
 """
@@ -73,12 +83,21 @@ def _tmp_for(out: Path) -> Path:
     return out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
 
 
-def hf_to_gguf(model_dir, out_path, outtype: str = "f16", script_dir=None, timeout: float = 1800) -> Path:
-    """Convert an HF model folder with llama.cpp's convert_hf_to_gguf.py (subprocess); atomic write."""
+def hf_to_gguf(model_dir, out_path, outtype: str = "f16", script_dir=None, timeout: float = 1800,
+               model_name: str | None = None) -> Path:
+    """Convert an HF model folder with llama.cpp's convert_hf_to_gguf.py (subprocess); atomic write.
+
+    The GGUF's general.name is `model_name`, else the config's model_type: llama.cpp keys tokenizer behaviour on
+    it (Phi-3's chat markers strip the whitespace after them only when the name says phi3, as its HF tokenizer
+    does), and the converter would otherwise name the model after its folder (models/merged: "Merged")."""
+    import json
+
     d, out = convert_script_dir(script_dir), Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_for(out)
-    cmd = [sys.executable, "-c", _DRIVER, str(d), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
+    name = model_name or json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") or Path(model_dir).name
+    cmd = [sys.executable, "-c", _DRIVER, str(d), str(model_dir), "--outfile", str(tmp), "--outtype", outtype,
+           "--model-name", name]
     env = {**os.environ, "NO_LOCAL_GGUF": "1"}  # the driver puts the vendored gguf-py first itself
     log.info("converting %s -> %s (%s)", model_dir, out, outtype)
     try:

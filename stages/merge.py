@@ -1,22 +1,26 @@
 """merge: turn what train wrote into one standalone Hugging Face model for deployment.
 
-By training method (`models/adapter/train_method.json`, or inferred from the folder):
-- lora: `merge_and_unload` into the fp32 base, then cast to `merge.dtype`;
-- qlora: the adapter was trained against the 4-bit base, so it is merged into an fp32 base
-  whose linear weights are de-quantized from the same 4-bit code (bitsandbytes' own
-  quantize/dequantize functions on plain tensors; the model is never loaded in 4-bit and the
-  adapter is never merged into 4-bit weights). That reproduces the trained model; merging
-  into the original weights would not;
+The base is loaded once, straight into `merge.dtype` on the `device` param's device (device.py), so the
+stage never holds more than one copy of the model (peft computes each LoRA delta in float32 on the CPU
+and adds it to the weight). By training method (`models/adapter/train_method.json`, or inferred from the
+folder):
+- lora: `merge_and_unload` into the base;
+- qlora: the adapter was trained against the 4-bit base, so it is merged into a base whose linear
+  weights are de-quantized from the same 4-bit code (bitsandbytes' own quantize/dequantize functions
+  on plain tensors, one layer at a time; the model is never loaded in 4-bit and the adapter is never
+  merged into 4-bit weights). That reproduces the trained model; merging into the original weights
+  would not;
 - full: nothing to merge, the trained model is the model;
 - prompt_tuning: nothing to merge, the virtual tokens live outside the weights: the base is
   saved with the adapter in `prompt_adapter/` (load both with peft), and quantize skips.
 
 Verified before anything is written: logits on held-out prompts must match (a) the adapter
-model freshly loaded from disk and (b) the logits saved at the end of training, within
+model freshly loaded from disk (in the same dtype) and (b) the logits saved at the end of training, within
 `merge.atol[merge.dtype]` (qlora's (b): `merge.qlora_reference_atol`, as bitsandbytes' 4-bit
 kernels computed those logits). (b) catches an adapter merged into the wrong base, or a stale one.
 The folder gets safetensors (sharded past `merge.max_shard_size`), the tokenizer and chat
 template and a generation config that stops at EOS; the model card is the `publish` stage's.
+`metrics/merge.json` also records where it ran and its peak host / GPU memory.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import device
 from common import ROOT, atomic_dir, offline_by_default, require_complete, setup, write_json
 from reference import REFERENCE, load_reference_logits
 from schema.merge import Merge
@@ -65,22 +70,24 @@ def dequantize_like_qlora(model, quantization: dict) -> None:
     skip = set(quantization.get("llm_int8_skip_modules") or ["lm_head"])
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in skip and name not in skip:
-            packed, state = bnbf.quantize_4bit(module.weight.data.float(), blocksize=64, quant_type=quant_type,
+            weight = module.weight.data
+            packed, state = bnbf.quantize_4bit(weight.float(), blocksize=64, quant_type=quant_type,
                                                compress_statistics=double_quant)
-            module.weight.data = bnbf.dequantize_4bit(packed, state).float()
-    log.info("qlora: merging into the fp32 base de-quantized from %s%s (bitsandbytes functions on plain tensors), "
+            module.weight.data = bnbf.dequantize_4bit(packed, state).to(weight.dtype)
+    log.info("qlora: merging into the base de-quantized from %s%s (bitsandbytes functions on plain tensors), "
              "never into 4-bit weights", quant_type, " + double quant" if double_quant else "")
 
 
 def logits(model, ids):
+    """On the CPU, in the model's dtype (a 152k vocabulary makes them large; compared in float32)."""
     import torch
 
     with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0].float()
+        return model(input_ids=torch.tensor([ids], device=model.device)).logits[0].cpu()
 
 
 def max_logit_difference(model, references) -> float:
-    return max((logits(model, ids) - expected).abs().max().item() for ids, expected in references)
+    return max((logits(model, ids).float() - expected.float()).abs().max().item() for ids, expected in references)
 
 
 def fix_generation_config(model, tokenizer) -> None:
@@ -102,21 +109,21 @@ def fix_generation_config(model, tokenizer) -> None:
 
 
 def merge(base_dir, adapter_dir, dtype: str, atol: float, out_dir, max_shard_size: str = "2GB",
-          reference_atol: float | None = None) -> dict:
-    """Pure core: build the deployable model for the training method, verify it, save it to out_dir.
+          reference_atol: float | None = None, where: str = "cpu") -> dict:
+    """Pure core: build the deployable model for the training method in `dtype` on the device `where`,
+    verify it, save it to out_dir.
 
     atol bounds |logits| differences for `dtype`; reference_atol (default atol) bounds the check
     against the end-of-training logits (for qlora those came from bitsandbytes' 4-bit kernels)."""
-    import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     info = training_method(adapter_dir)
     method, out_dir = info["method"], Path(out_dir)
-    log.info("training method: %s", method)
+    placement = device.Placement(where, dtype)
+    log.info("training method: %s; merging on %s", method, placement)
 
-    def fp32_base():
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    def base():
+        model = AutoModelForCausalLM.from_pretrained(base_dir, **placement.load_kwargs())
         if method == "qlora":
             dequantize_like_qlora(model, info.get("quantization_config") or {})
         return model
@@ -126,16 +133,15 @@ def merge(base_dir, adapter_dir, dtype: str, atol: float, out_dir, max_shard_siz
                          "against); rerun train (dvc repro train)")
     training = load_reference_logits(adapter_dir)
     if method == "full":
-        model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(adapter_dir, **placement.load_kwargs()).eval()
     else:
-        model = PeftModel.from_pretrained(fp32_base(), adapter_dir).eval()
-    fresh = [(ids, logits(model, ids)) for ids, _ in training]  # the trained model as loaded from disk, fp32
+        model = device.load_adapter(base(), adapter_dir).eval()
+    fresh = [(ids, logits(model, ids)) for ids, _ in training]  # the trained model as loaded from disk
     if method in ("lora", "qlora"):
-        model = model.merge_and_unload()
+        model = model.merge_and_unload().eval()
     elif method == "prompt_tuning":
         log.info("prompt_tuning: nothing to merge (the virtual tokens are inputs, not weights); saving the base "
                  "with the adapter in %s/, and quantize will skip", PROMPT_ADAPTER)
-    model = model.to(getattr(torch, dtype)).eval()
     checks = {"max_logit_diff_vs_adapter": max_logit_difference(model, fresh),
               "max_logit_diff_vs_training": max_logit_difference(model, training)}
     limits = {"max_logit_diff_vs_adapter": atol, "max_logit_diff_vs_training": reference_atol or atol}
@@ -153,12 +159,15 @@ def merge(base_dir, adapter_dir, dtype: str, atol: float, out_dir, max_shard_siz
     fix_generation_config(standalone, tokenizer)
     standalone.save_pretrained(out_dir, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out_dir)
+    if (Path(base_dir) / "tokenizer.model").exists():  # transformers 5 never writes it; llama.cpp's Phi-3 converter reads it
+        shutil.copy(Path(base_dir) / "tokenizer.model", out_dir / "tokenizer.model")
     if method == "prompt_tuning":
         model.save_pretrained(out_dir / PROMPT_ADAPTER)
     shards = sorted(path.name for path in out_dir.glob("*.safetensors"))
     write_json(out_dir / METHOD_FILE, {**info, "merge_dtype": dtype})
-    return {**checks, "method": method, "dtype": dtype, "parameters": sum(p.numel() for p in standalone.parameters()),
-            "shards": len(shards), "size_bytes": sum((out_dir / name).stat().st_size for name in shards)}
+    return {**checks, "method": method, "parameters": sum(p.numel() for p in standalone.parameters()),
+            "shards": len(shards), "size_bytes": sum((out_dir / name).stat().st_size for name in shards),
+            **device.memory_metrics(placement)}
 
 
 def main() -> None:
@@ -170,9 +179,11 @@ def main() -> None:
     adapter = require_complete(ADAPTER)
     info = training_method(adapter)
     cfg = params.merge
+    placement = device.resolve(params.device, cfg.dtype)  # the saved dtype is merge.dtype's, whatever `dtype` says
     with atomic_dir(OUT) as tmp:
         report = merge(require_complete(BASE), adapter, cfg.dtype, getattr(cfg.atol, cfg.dtype), tmp, cfg.max_shard_size,
-                       reference_atol=cfg.qlora_reference_atol if info["method"] == "qlora" else None)
+                       reference_atol=cfg.qlora_reference_atol if info["method"] == "qlora" else None,
+                       where=placement.device)
         if (adapter / "format.json").exists():
             shutil.copy(adapter / "format.json", tmp / "format.json")
     write_json(METRICS, report)

@@ -10,9 +10,10 @@
 Every artifact is scored on the test split by the same `scoring.evaluate_model` as the evaluate stage
 (task metrics, perplexity), plus top-1 agreement with the merged model (every position of the
 test sequences), size and its ratio to the merged model, load time and greedy tokens/s on this
-machine. `metrics/quantize.json` has all of it and the change against
-the merged model; the stage fails past `quantize.checks`. A prompt-tuned model has nothing to
-quantize: it is skipped, and the metrics say why.
+machine. The merged, GPTQ and bitsandbytes models run where the top-level `device` / `dtype` params put
+them (device.py); llama.cpp runs on the CPU. `metrics/quantize.json` has all of it, the change against
+the merged model and the stage's peak host / GPU memory; the stage fails past `quantize.checks`. A
+prompt-tuned model has nothing to quantize: it is skipped, and the metrics say why.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import os
 import time
 from pathlib import Path
 
+import device
 import gptq
 import llamacpp
 import scoring
@@ -38,14 +40,12 @@ METRICS = ROOT / "metrics" / "quantize.json"
 SPEED_PROMPTS = 4
 
 
-def top1(model, rows: list[dict]) -> list[list[int]]:
-    """The argmax next token at every position of every test sequence."""
-    import torch
-
+def top1(model, rows: list[dict], batch_size: int = 1) -> list[list[int]]:
+    """The argmax next token at every position of every test sequence (batched within scoring's logits budget)."""
     seen = getattr(model, "argmax_by_sequence", {})  # llama.cpp: kept from the perplexity pass
-    with torch.no_grad():
-        return [seen.get(tuple(row["input_ids"])) or model(input_ids=torch.tensor([row["input_ids"]])).logits[0].argmax(-1).tolist()
-                for row in rows]
+    missing = [row["input_ids"] for row in rows if tuple(row["input_ids"]) not in seen]
+    found = {**dict(zip(map(tuple, missing), scoring.argmax_tokens(model, missing, batch_size))), **seen}
+    return [found[tuple(row["input_ids"])] for row in rows]
 
 
 def agreement(predicted: list[list[int]], reference: list[list[int]], rows: list[dict] | None = None) -> float:
@@ -61,7 +61,7 @@ def tokens_per_second(model, tokenizer, prompts: list[str], new_tokens: int) -> 
     import torch
 
     def run(prompt):
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(scoring.input_device(model))
         with torch.no_grad():
             model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -77,7 +77,7 @@ def score(model, tokenizer, rows: list[dict], cfg, reference_top1, new_tokens: i
     """Everything measured on one loaded model, with the evaluation stage's code for task metrics and perplexity."""
     metrics, _ = scoring.evaluate_model(model, tokenizer, rows, cfg)
     if reference_top1 is not None:
-        predicted = top1(model, rows)
+        predicted = top1(model, rows, cfg.batch_size)
         metrics["top1_agreement"] = round(agreement(predicted, reference_top1), 5)  # every position: checked
         # answer tokens only: few positions (~3 a row) and near-tied labels make it noisy; reported, not checked
         metrics["top1_agreement_answer_tokens"] = round(agreement(predicted, reference_top1, rows), 5)
@@ -97,18 +97,21 @@ def load_timed(loader):
 
 
 def quantize(merged_dir, formats: list[str], out_dir, rows: list[dict], train_rows: list[dict], cfg, eval_cfg,
-             threads: int) -> dict:
-    """Pure core: write each requested artifact into out_dir, load it with its client, score it.
+             threads: int, placement: device.Placement = device.Placement("cpu", "float32")) -> dict:
+    """Pure core: write each requested artifact into out_dir, load it with its client, score it. The merged,
+    GPTQ and bitsandbytes models run on `placement`; llama.cpp on the CPU.
 
     Returns {"merged": metrics, "<format>": metrics, ...}; each format's metrics include the change
     against the merged model (`delta.*`, `perplexity_drop_percent`) and `size_ratio`."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
+    if "gptq" in formats:  # before minutes of other formats: a group_size the layer widths refuse fails now
+        gptq.check_group_size(merged_dir, cfg.gptq.group_size)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    merged, load_seconds = load_timed(lambda: AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval())
-    reference_top1 = top1(merged, rows)
+    merged, load_seconds = load_timed(
+        lambda: AutoModelForCausalLM.from_pretrained(merged_dir, **placement.load_kwargs()).eval())
+    reference_top1 = top1(merged, rows, eval_cfg.batch_size)
     merged_bytes = folder_bytes(merged_dir)
     report = {"merged": {**score(merged, tokenizer, rows, eval_cfg, None, cfg.speed_new_tokens),
                          "size_bytes": merged_bytes, "load_seconds": load_seconds}}
@@ -145,18 +148,19 @@ def quantize(merged_dir, formats: list[str], out_dir, rows: list[dict], train_ro
     if "bnb_int8" in formats:  # bitsandbytes LLM.int8(): saves and reloads exactly (nf4 saved after a CPU pass does not)
         from transformers import BitsAndBytesConfig
 
-        device = {"device_map": "cuda:0" if torch.cuda.is_available() else "cpu"}
+        where = placement.load_kwargs()  # int8 linear weights; the rest (embeddings, norms) in placement's dtype
         AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                             **device).save_pretrained(out_dir / "bnb_int8")
+                                             **where).save_pretrained(out_dir / "bnb_int8")
         tokenizer.save_pretrained(out_dir / "bnb_int8")
-        model, seconds = load_timed(lambda: AutoModelForCausalLM.from_pretrained(out_dir / "bnb_int8", **device).eval())
+        model, seconds = load_timed(lambda: AutoModelForCausalLM.from_pretrained(out_dir / "bnb_int8", **where).eval())
         finish("bnb_int8", out_dir / "bnb_int8", model, seconds)
         del model
     if "gptq" in formats:
         calibration = gptq.calibration_rows(train_rows, cfg.gptq.calibration_rows, cfg.gptq.calibration_seed)
         gptq.quantize_gptq(merged_dir, out_dir / "gptq", calibration, cfg.gptq, threads)
         # last: loading a GPTQ model imports gptqmodel (through optimum), which patches transformers
-        model, seconds = load_timed(lambda: AutoModelForCausalLM.from_pretrained(out_dir / "gptq", dtype=torch.float32).eval())
+        model, seconds = load_timed(lambda: AutoModelForCausalLM.from_pretrained(out_dir / "gptq",
+                                                                                 **placement.load_kwargs()).eval())
         finish("gptq", out_dir / "gptq", model, seconds)
     return report
 
@@ -195,6 +199,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(params.threads)
+    placement = device.resolve(params.device, params.dtype)
+    log.info("quantize: transformers models on %s, llama.cpp on the CPU", placement)
     merged_dir = require_complete(MERGED)
     with atomic_dir(OUT) as tmp:
         reason = skip_reason(merged_dir)
@@ -204,9 +210,9 @@ def main() -> None:
             write_json(METRICS, {"skipped": reason, "formats": params.quantize.formats})
             return
         report = quantize(merged_dir, params.quantize.formats, tmp, read_jsonl(DATA / "test.jsonl"),
-                          read_jsonl(DATA / "train.jsonl"), params.quantize, params.evaluate, params.threads)
+                          read_jsonl(DATA / "train.jsonl"), params.quantize, params.evaluate, params.threads, placement)
         problems = failed_checks(report, params.quantize.checks)
-        write_json(METRICS, {**flatten(report), "checks_failed": len(problems)})
+        write_json(METRICS, {**flatten(report), "checks_failed": len(problems), **device.memory_metrics(placement)})
         if problems:
             raise SystemExit("quantize: quality checks failed (metrics/quantize.json has every number):\n  - "
                              + "\n  - ".join(problems))

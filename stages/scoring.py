@@ -1,5 +1,7 @@
 """The scoring every model form shares (the adapter model, the base, the merged and the quantized
 models): batched generation, perplexity, label likelihood, and the task metrics of `evaluate.task`.
+Inputs go to the model's own device; logits are computed only where they are scored, in batches
+bounded by `LOGITS_BUDGET_BYTES`, so a 152k vocabulary does not cost gigabytes.
 
 The evaluate stages (evaluation.py) and quantize both import it, so quantize depends on this module
 and not on the evaluate stage's script. The metric functions live in task_metrics.py, the code
@@ -19,28 +21,120 @@ IGNORE = -100
 
 
 # --------------------------------------------------------------------------- model passes
-def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], batch_size: int) -> list[tuple[float, int]]:
-    """(sum of log p(target), number of targets) for each (input_ids, labels); labels of -100 are not
-    scored. Sequences are batched by length, so little compute goes to padding."""
+# Logits are the largest tensors of evaluation: [rows, positions, vocabulary], 4 bytes each, ~5 GB for 32 x 256
+# tokens of a 152k vocabulary. A pass asks the model for logits only at the positions it scores
+# (`logits_to_keep`, as training does) and groups rows so that rows x kept positions x vocabulary stays within
+# this many bytes, counting the float32 copy and log-softmax that scoring makes of them.
+LOGITS_BUDGET_BYTES = 256 * 2**20
+NLL_BYTES_PER_LOGIT = 12  # the logits (up to 4 bytes), their float32 copy, cross_entropy's float32 log-softmax
+ARGMAX_BYTES_PER_LOGIT = 4
+
+
+def input_device(model):
+    """Where a model's inputs go: its own device (transformers, peft), else the CPU (a llama.cpp model)."""
+    return getattr(model, "device", None) or "cpu"
+
+
+def virtual_tokens(model) -> int:
+    """Prompt tuning (peft) prepends this many virtual tokens to every input; their logits come first."""
+    config = getattr(model, "active_peft_config", None)
+    return config.num_virtual_tokens if config is not None and config.is_prompt_learning else 0
+
+
+def keeps_logits(model) -> bool:
+    """Whether the model computes logits only at the positions asked for (`logits_to_keep`); a llama.cpp model
+    (llamacpp.LlamaCppLM) returns every position whatever it is asked."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = getattr(inner, "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def vocab_size(model) -> int:
+    """Rows of the output layer; asked of the model itself when it has none to show (llama.cpp)."""
     import torch
 
-    results: list = [None] * len(sequences)
-    order = sorted(range(len(sequences)), key=lambda index: len(sequences[index][0]))
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = max(len(sequences[index][0]) for index in batch)
-        ids = torch.tensor([sequences[i][0] + [0] * (width - len(sequences[i][0])) for i in batch])
-        labels = torch.tensor([sequences[i][1] + [IGNORE] * (width - len(sequences[i][1])) for i in batch])
-        mask = torch.tensor([[1] * len(sequences[i][0]) + [0] * (width - len(sequences[i][0])) for i in batch])
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        # prompt tuning prepends virtual tokens: score only the positions of the real input
-        logits = logits[:, logits.shape[1] - width:][:, :-1].float()
-        targets = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-        for position, index in enumerate(batch):
-            results[index] = (-nll[position].sum().item(), int((targets[position] != IGNORE).sum()))
-    return results
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    size = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    if size:
+        return size
+    with torch.no_grad():
+        return model(input_ids=torch.zeros((1, 1), dtype=torch.long)).logits.shape[-1]
+
+
+def logit_passes(model, sequences: list[list[int]], wanted: list[list[int]], batch_size: int,
+                 budget: int = LOGITS_BUDGET_BYTES, bytes_per_logit: int = NLL_BYTES_PER_LOGIT):
+    """Run `sequences` through the model in batches of similar length (right padding, attention mask) and yield
+    (indices, positions, logits): logits[row, j] predicts the token after position positions[j] of
+    sequences[indices[row]], for the union of the rows' `wanted` positions. A batch holds at most `batch_size`
+    rows and at most `budget` bytes of logits; a single row whose logits alone exceed it is run once per chunk of
+    positions. Nothing is computed for rows that want no position."""
+    import torch
+
+    device, honours, virtual = input_device(model), keeps_logits(model), virtual_tokens(model)
+    vocab = vocab_size(model)
+    order = [index for index in sorted(range(len(sequences)), key=lambda index: len(sequences[index])) if wanted[index]]
+
+    def cost(rows: int, positions: set, width: int) -> int:  # a model without logits_to_keep returns every position
+        return rows * (len(positions) if honours else width) * vocab * bytes_per_logit
+
+    start = 0
+    while start < len(order):
+        batch, positions, width = [order[start]], set(wanted[order[start]]), len(sequences[order[start]])
+        while len(batch) < batch_size and start + len(batch) < len(order):
+            candidate = order[start + len(batch)]
+            grown, grown_width = positions | set(wanted[candidate]), max(width, len(sequences[candidate]))
+            if cost(len(batch) + 1, grown, grown_width) > budget:
+                break
+            batch.append(candidate)
+            positions, width = grown, grown_width
+        start += len(batch)
+        ids = torch.tensor([sequences[i] + [0] * (width - len(sequences[i])) for i in batch], device=device)
+        mask = torch.tensor([[1] * len(sequences[i]) + [0] * (width - len(sequences[i])) for i in batch], device=device)
+        positions = sorted(positions)
+        step = max(1, budget // (len(batch) * vocab * bytes_per_logit)) if honours else len(positions)
+        for first in range(0, len(positions), step):
+            chunk = positions[first:first + step]
+            with torch.no_grad():
+                if honours:
+                    keep = torch.tensor(chunk, device=device) + virtual
+                    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
+                else:  # every position came back, virtual tokens first
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    logits = logits[:, logits.shape[1] - width + torch.tensor(chunk, device=logits.device)]
+            yield batch, chunk, logits
+
+
+def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], batch_size: int,
+                      budget: int = LOGITS_BUDGET_BYTES) -> list[tuple[float, int]]:
+    """(sum of log p(target), number of targets) for each (input_ids, labels); labels of -100 are not
+    scored. Logits are computed only where a target is scored, within `budget` bytes (see logit_passes)."""
+    import torch
+
+    wanted = [[position for position in range(len(labels) - 1) if labels[position + 1] != IGNORE]
+              for _, labels in sequences]
+    totals = [0.0] * len(sequences)
+    for batch, chunk, logits in logit_passes(model, [ids for ids, _ in sequences], wanted, batch_size, budget):
+        targets = torch.tensor([[sequences[i][1][p + 1] if p + 1 < len(sequences[i][1]) else IGNORE for p in chunk]
+                                for i in batch], device=logits.device)
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE,
+                                                reduction="none")
+        for row, index in enumerate(batch):
+            totals[index] -= nll[row].sum().item()
+    return [(total, len(positions)) for total, positions in zip(totals, wanted)]
+
+
+def argmax_tokens(model, sequences: list[list[int]], batch_size: int, budget: int = LOGITS_BUDGET_BYTES) -> list[list[int]]:
+    """The most likely next token at every position of every sequence, batched within `budget` bytes of logits."""
+    found: list[dict] = [{} for _ in sequences]
+    wanted = [list(range(len(ids))) for ids in sequences]
+    for batch, chunk, logits in logit_passes(model, sequences, wanted, batch_size, budget, ARGMAX_BYTES_PER_LOGIT):
+        best = logits.argmax(-1).tolist()
+        for row, index in enumerate(batch):
+            found[index].update((position, token) for position, token in zip(chunk, best[row])
+                                if position < len(sequences[index]))
+    return [[tokens[position] for position in range(len(ids))] for tokens, ids in zip(found, sequences)]
 
 
 def perplexity(model, rows: list[dict], batch_size: int) -> float:
@@ -58,8 +152,9 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, num_samples: int = 1,
              temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
-    """Batched, left-padded generation with the KV cache: greedy, or `num_samples` sampled answers per
-    prompt (returned consecutively). Prompts are batched by length, answers come back in order."""
+    """Batched, left-padded generation with the KV cache, on the model's device: greedy, or `num_samples`
+    sampled answers per prompt (returned consecutively). Prompts are batched by length, answers come back in
+    order. transformers computes logits only at the last position of each step."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -72,7 +167,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         encoded = tokenizer([prompts[index] for index in batch], return_tensors="pt", padding=True,
-                            add_special_tokens=False)  # the template already placed BOS
+                            add_special_tokens=False).to(input_device(model))  # the template already placed BOS
         with torch.no_grad():
             generated = model.generate(**encoded, max_new_tokens=max_new_tokens, use_cache=True,
                                        num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,

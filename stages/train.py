@@ -9,7 +9,13 @@ the model, guards the run and writes the outputs:
   fingerprint of everything that shapes the run, so a rerun resumes exactly, and a changed
   param starts fresh;
 - a non-finite loss or gradient norm stops the run at once, naming the step;
-- per-step curves in `metrics/train_plots/` (DVC plots), final numbers in `metrics/train.json`.
+- per-step curves in `metrics/train_plots/` (DVC plots), final numbers in `metrics/train.json`;
+- before any weight is loaded, a memory plan (memory_plan.py) logged as a table and written to the
+  metrics; a run the device cannot hold is refused at once, naming the knobs that would fit.
+
+The model trains where `device` / `dtype` say (device.py): LoRA, QLoRA and prompt tuning keep the
+frozen base in the resolved dtype (bf16 on a GPU, fp32 on a CPU) and their adapter in fp32; full
+fine-tuning keeps fp32 master weights, with mixed precision through `train.bf16` / `train.fp16`.
 
 `models/adapter/` holds what was trained for every method (peft adapter, or the whole model
 for `full`), plus `train_method.json`, `format.json` and `reference_logits.safetensors`.
@@ -25,7 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import device
 import lora_targets
+import memory_plan
 from common import ROOT, atomic_dir, offline_by_default, read_jsonl, require_complete, seed_everything, setup, write_json
 from reference import save_reference_logits
 from schema.train import Train
@@ -46,13 +54,15 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
               "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12}
 
 # --------------------------------------------------------------------------- model
-def check_platform(cfg, base_dir: Path) -> None:
-    """Refuse what this machine cannot do before any model is loaded, with the fix in the message."""
+def check_platform(cfg, base_dir: Path, placement: device.Placement | None = None) -> None:
+    """Refuse what this machine cannot do before any model is loaded, with the fix in the message. The
+    checks follow where the run goes (`device: cpu` on a GPU box runs on the CPU), not what is installed."""
     import torch
 
-    cuda, problems = torch.cuda.is_available(), []
+    placement = placement or device.resolve()
+    cuda, problems = placement.device == "cuda", []
     if cfg.fp16 and not cuda:
-        problems.append("train.fp16: float16 mixed precision needs a CUDA GPU and none is available; "
+        problems.append("train.fp16: float16 mixed precision needs a CUDA GPU and this run is on the CPU; "
                         "use train.bf16: true (CPU autocast) or set fp16: false")
     if cfg.bf16 and cuda and not torch.cuda.is_bf16_supported():
         problems.append("train.bf16: this GPU has no bfloat16 support; use train.fp16: true")
@@ -77,7 +87,9 @@ def check_platform(cfg, base_dir: Path) -> None:
         raise SystemExit("train: cannot run these params on this machine:\n  - " + "\n  - ".join(problems))
 
 
-def build_model(base_dir: Path, cfg, local_rank: int):
+def build_model(base_dir: Path, cfg, local_rank: int, placement: device.Placement):
+    """The model to train, on `placement`: full fine-tuning in fp32 (master weights), a frozen base in
+    `placement.dtype` for the other methods (4-bit linear layers for qlora); peft keeps adapters in fp32."""
     import torch
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -85,19 +97,21 @@ def build_model(base_dir: Path, cfg, local_rank: int):
     # peft checks every layer for GPTQ types by importing gptqmodel when it is installed (~2 s, and the
     # import rewrites HF_HOME); a base we train is never GPTQ-quantized
     sys.modules.setdefault("gptqmodel", None)
-    if cfg.method != "qlora":
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    on_gpu = {"device_map": {"": local_rank}} if placement.device == "cuda" else {}
+    if cfg.method == "full":
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **on_gpu)
+    elif cfg.method != "qlora":
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=placement.torch_dtype, **on_gpu)
     else:
-        from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.qlora.quant_type,
                                           bnb_4bit_use_double_quant=cfg.qlora.double_quant,
                                           bnb_4bit_compute_dtype=getattr(torch, cfg.qlora.compute_dtype))
-        device_map = {"": local_rank} if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, quantization_config=quantization,
-                                                     device_map=device_map)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        device_map = {"": local_rank} if placement.device == "cuda" else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=placement.torch_dtype,
+                                                     quantization_config=quantization, device_map=device_map)
+        model = freeze_for_kbit(model, cfg.gradient_checkpointing)
     if cfg.method in ("lora", "qlora"):
         lora = cfg.lora
         targets = lora_targets.resolve(lora.target_modules, model)
@@ -110,6 +124,18 @@ def build_model(base_dir: Path, cfg, local_rank: int):
                 "tokenizer_name_or_path": str(base_dir)} if tuning.init_text else {}
         model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM",
                                                          num_virtual_tokens=tuning.num_virtual_tokens, **text))
+    return model
+
+
+def freeze_for_kbit(model, gradient_checkpointing: bool):
+    """peft's prepare_model_for_kbit_training without its cast of every weight that is not 4-bit to fp32:
+    the embeddings and norms stay in the resolved dtype (the norms compute in fp32 anyway), which halves
+    them on a GPU. With fp32 (the CPU default) the two are the same."""
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable()
     return model
 
 
@@ -154,8 +180,9 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_fingerprint(base_dir: Path, data_dir: Path, cfg, seed: int) -> dict:
-    """Everything that shapes the trained weights; a checkpoint made under another one is not resumed."""
+def run_fingerprint(base_dir: Path, data_dir: Path, cfg, seed: int, placement: device.Placement | None = None) -> dict:
+    """Everything that shapes the trained weights (the device and dtype too); a checkpoint made under
+    another one is not resumed."""
     import peft
     import torch
     import transformers
@@ -164,7 +191,8 @@ def run_fingerprint(base_dir: Path, data_dir: Path, cfg, seed: int) -> dict:
                 if key not in NOT_IN_FINGERPRINT and key not in {"lora", "qlora", "prompt_tuning"} - SECTION_OF[cfg.method]}
     base = {path.name: file_digest(path) for path in sorted(Path(base_dir).iterdir())
             if path.is_file() and path.suffix in {".json", ".safetensors", ".bin", ".model", ".jinja"}}
-    return {"train": settings, "seed": seed, "base": base,
+    placement = placement or device.resolve()
+    return {"train": settings, "seed": seed, "base": base, "placement": {"device": placement.device, "dtype": placement.dtype},
             "data": {name: file_digest(Path(data_dir) / name) for name in ("train.jsonl", "eval.jsonl")},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
 
@@ -202,10 +230,28 @@ def prepare_checkpoints(folder: Path, fingerprint: dict) -> Path | None:
     return None
 
 
+def plan_memory(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
+                placement: device.Placement) -> memory_plan.Plan:
+    """The memory plan from the base's config and the batches this run will see, before any weight is
+    loaded: logged as a table; a run that cannot fit the device is refused with the knobs that would."""
+    from trainer import planned_workload
+
+    targets = cfg.lora.target_modules if cfg.method in ("lora", "qlora") else None
+    shape = memory_plan.describe_base(base_dir, targets)
+    work = planned_workload(train_rows, eval_rows, cfg, seed)
+    framework = memory_plan.framework_mib(placement.device)
+    plan = memory_plan.plan(shape, memory_plan.Settings.from_params(cfg, placement), work, framework)
+    memory_plan.log_plan(plan, work, log)
+    capacity, what = memory_plan.capacity_mib(placement.device)
+    memory_plan.check_fits(plan, shape, work, framework, capacity, what)
+    return plan
+
+
 def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int, checkpoint_dir, fingerprint: dict,
-        plots_dir, resume_from=None, callbacks=()) -> tuple:
-    """Pure core: train on explicit rows; returns (trainer, tokenizer, metrics). Nothing is written
-    except checkpoints into `checkpoint_dir` and the curves."""
+        plots_dir, resume_from=None, callbacks=(), placement: device.Placement | None = None) -> tuple:
+    """Pure core: train on explicit rows on `placement` (default: `device.resolve()`, the GPU when there
+    is one); returns (trainer, tokenizer, metrics). Nothing is written except checkpoints into
+    `checkpoint_dir` and the curves."""
     import torch
     from transformers import AutoTokenizer
 
@@ -214,8 +260,10 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
     started = time.time()
     seed_everything(seed, torch.get_num_threads())
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    placement = placement or device.resolve()
+    plan = plan_memory(base_dir, train_rows, eval_rows, cfg, seed, placement)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    model = build_model(Path(base_dir), cfg, local_rank)
+    model = build_model(Path(base_dir), cfg, local_rank, placement)
     counts = parameter_counts(model)
     log.info("method %s: trainable params %d of %d (%.4f%%)", cfg.method, counts["trainable_params"],
              counts["total_params"], counts["trainable_percent"])
@@ -234,7 +282,7 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
     real, processed = trainer.session_tokens
     tokens_per_second = real / train_seconds if real else None
     # MFU: flops_per_token (see parameter_counts) x tokens/s over the GPU's dense bf16 peak
-    peak = next((value for name, value in PEAK_FLOPS.items() if torch.cuda.is_available()
+    peak = next((value for name, value in PEAK_FLOPS.items() if placement.device == "cuda"
                  and name in torch.cuda.get_device_name()), None)
     metrics = {
         "method": cfg.method, "seed": seed, **counts,
@@ -247,12 +295,12 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
         "padding_fraction": round(1 - real / processed, 4) if processed else None,
         "tokens_per_second": round(tokens_per_second, 1) if tokens_per_second else None,
         "train_seconds": round(train_seconds, 2), "wall_seconds": round(time.time() - started, 2),
-        "peak_memory_mb": peak_rss_mb(),
+        "peak_memory_mb": peak_rss_mb(), **plan.metrics(),
         "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
         "mfu": round(counts["flops_per_token"] * tokens_per_second / (peak * trainer.args.world_size), 4)
         if peak and tokens_per_second else None,
         "num_processes": trainer.args.world_size, "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": torch.cuda.get_device_name() if placement.device == "cuda" else "cpu", "dtype": placement.dtype,
     }
     return trainer, tokenizer, metrics
 
@@ -313,11 +361,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from trainer import NonFiniteError, complete_checkpoints, write_plots
+    from trainer import NonFiniteError, complete_checkpoints, peak_rss_mb, write_plots
 
     base_dir = require_complete(BASE)
-    check_platform(cfg, base_dir)
-    fingerprint = run_fingerprint(base_dir, DATA, cfg, params.seed)
+    placement = device.resolve(params.device, params.dtype)
+    check_platform(cfg, base_dir, placement)
+    fingerprint = run_fingerprint(base_dir, DATA, cfg, params.seed, placement)
     is_child = "LOCAL_RANK" in os.environ
     if not is_child:  # only the first process cleans the checkpoint folder
         prepare_checkpoints(CHECKPOINTS, fingerprint)
@@ -327,7 +376,7 @@ def main() -> None:
     train_rows, eval_rows = read_jsonl(DATA / "train.jsonl"), read_jsonl(DATA / "eval.jsonl")
     try:
         trainer, tokenizer, metrics = fit(base_dir, train_rows, eval_rows, cfg, params.seed, CHECKPOINTS, fingerprint,
-                                          PLOTS, resume)
+                                          PLOTS, resume, placement=placement)
     except NonFiniteError as exc:
         kept = complete_checkpoints(CHECKPOINTS)
         raise SystemExit(f"{exc}; the last good checkpoint is {kept[-1] if kept else 'none'}. Lower train.learning_rate "
@@ -340,6 +389,7 @@ def main() -> None:
         save_trained(trainer, tokenizer, cfg, eval_rows or train_rows, tmp, recipe)
         write_json(tmp / "format.json", {"fingerprint": json.loads((DATA / "format.json").read_text())["fingerprint"]})
     write_plots(trainer.state.log_history, PLOTS)
+    metrics["peak_memory_mb"] = peak_rss_mb()  # the whole stage's, saving included (as the plan counts it)
     write_json(METRICS, metrics)
     log.info("train done: %d steps, train_loss %.4f, eval_loss %s, %s tokens/s, peak %d MiB (metrics/train.json)",
              metrics["steps"], metrics["train_loss"], metrics["eval_loss"], metrics["tokens_per_second"],

@@ -261,8 +261,48 @@ def write_plots(history: list[dict], folder: Path) -> None:
         write_text(folder / f"{key}.csv", f"step,{key}\n" + "".join(rows))
 
 
+def planned_workload(train_rows: list[dict], eval_rows: list[dict], cfg, seed: int):
+    """The batches this run will see, as the memory plan needs them (memory_plan.Workload): the widest one,
+    the most positions a batch trains (logits are computed there), the mean real tokens per optimizer
+    step, from the sampler's own order over the first epochs; and the reference prompts saved at the end."""
+    from memory_plan import REFERENCE_PROMPTS, REFERENCE_TOKENS, Workload
+
+    dataset = pack(train_rows, cfg.packing_length) if cfg.packing else train_rows
+    lengths = [len(row["input_ids"]) for row in dataset]
+    spans = []  # first and last position whose next token is trained
+    for row in dataset:
+        targets = row["labels"][1:]
+        first = next((i for i, label in enumerate(targets) if label != IGNORE), None)
+        last = next((len(targets) - 1 - i for i, label in enumerate(reversed(targets)) if label != IGNORE), None)
+        spans.append((first, last) if first is not None else None)
+    per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    steps = cfg.max_steps * cfg.gradient_accumulation_steps if cfg.max_steps > 0 else per_epoch * cfg.num_epochs
+    sampler = LengthGroupedSampler(lengths, cfg.batch_size, seed, cfg.group_by_length or cfg.packing)
+    widest = trained = 0
+    for epoch in range(min(3, max(1, math.ceil(steps / per_epoch)))):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for start in range(0, len(order), cfg.batch_size):
+            batch = order[start:start + cfg.batch_size]
+            widest = max(widest, max(lengths[i] for i in batch))
+            marked = [spans[i] for i in batch if spans[i]]
+            if marked:
+                trained = max(trained, max(last for _, last in marked) - min(first for first, _ in marked) + 1)
+    prompts = (eval_rows or train_rows)[:REFERENCE_PROMPTS]
+    return Workload(rows=cfg.batch_size, sequence_length=widest, trained_columns=trained,
+                    tokens_per_step=sum(lengths) / per_epoch * cfg.gradient_accumulation_steps,
+                    reference_tokens=sum(min(REFERENCE_TOKENS, len(row["input_ids"])) for row in prompts))
+
+
 def peak_rss_mb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
+    """Peak resident memory of this process (MiB): VmHWM, the high-water mark of its own memory map.
+    getrusage's ru_maxrss is not that: Linux carries the parent's RSS at fork into the child's ru_maxrss,
+    so a stage started by a large process (pytest, a notebook) would report the parent's size."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
 
 
 # --------------------------------------------------------------------------- assembly
@@ -271,7 +311,7 @@ def make_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict]
     """The Trainer for `cfg` (the `train` params) on explicit rows; checkpoints go to `checkpoint_dir`."""
     import inspect
 
-    cuda = torch.cuda.is_available()
+    on_cpu = next(model.parameters()).device.type == "cpu"  # `device: cpu` keeps a GPU box's run on the CPU
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     step = StepSettings(seed=seed, group_by_length=cfg.group_by_length or cfg.packing,
                         virtual_tokens=cfg.prompt_tuning.num_virtual_tokens if cfg.method == "prompt_tuning" else 0,
@@ -289,7 +329,7 @@ def make_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict]
         logging_steps=cfg.logging_steps, logging_nan_inf_filter=False,
         save_strategy="steps" if saving else "no", save_steps=cfg.checkpoint_steps if saving else 500,
         eval_strategy="steps" if cfg.eval_steps and eval_rows else "no", eval_steps=cfg.eval_steps or None,
-        report_to=[], use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=False, remove_unused_columns=False,
+        report_to=[], use_cpu=on_cpu, dataloader_num_workers=0, disable_tqdm=False, remove_unused_columns=False,
         label_names=["labels"], prediction_loss_only=True, ddp_find_unused_parameters=False, save_only_model=False,
     )
     trainer = FinetuneTrainer(model=model, args=args, processing_class=tokenizer,

@@ -124,7 +124,7 @@ def test_pretraining_corpus_is_general_and_sized_for_a_cpu_budget():
     documents = [json.loads(line) for line in (DATA / "pretrain/documents.jsonl").read_text().splitlines()]
     qa = [json.loads(line) for line in (DATA / "pretrain/qa.jsonl").read_text().splitlines()]
     assert all(set(document) == {"text"} and document["text"].strip() for document in documents)
-    assert 500_000 <= sum(len(document["text"]) for document in documents) <= 650_000
+    assert 950_000 <= sum(len(document["text"]) for document in documents) <= 1_100_000
     assert 3_000 <= len(qa) <= 5_000
     assert all(set(pair) == {"question", "answer"} and 0 < len(pair["answer"].split()) <= 4 for pair in qa)
     corpus = " ".join([document["text"] for document in documents] + [p["question"] + " " + p["answer"] for p in qa])
@@ -142,18 +142,48 @@ def test_pretraining_corpus_knows_the_everyday_words_the_tickets_use(ticket_line
     assert all(corpus[label] >= 20 for label in generator.LABELS), {label: corpus[label] for label in generator.LABELS}
 
 
+def quiz_pairs() -> Counter:
+    """(question, answer) pairs the pretraining documents ask in plain text, as the lm-eval task does."""
+    texts = [json.loads(line)["text"] for line in (DATA / "pretrain/documents.jsonl").read_text().splitlines()]
+    return Counter(pair for text in texts for pair in re.findall(r"^Question: (.+)\nAnswer: (.+)$", text, re.MULTILINE))
+
+
 def test_general_knowledge_questions_are_held_out_phrasings_of_taught_facts():
     questions = [json.loads(line) for line in (DATA / "general/general_knowledge.jsonl").read_text().splitlines()]
     assert len(questions) == 120
     taught_questions = {json.loads(line)["question"] for line in (DATA / "pretrain/qa.jsonl").read_text().splitlines()}
+    taught_questions |= {question for question, _ in quiz_pairs()}
     documents = (DATA / "pretrain/documents.jsonl").read_text()
     for question in questions:
         assert len(question["choices"]) == 4 and len(set(question["choices"])) == 4
         assert isinstance(question["answer"], int) and 0 <= question["answer"] < 4
-        assert question["question"] not in taught_questions
+        assert question["question"] not in taught_questions and question["question"] not in documents
         assert question["choices"][question["answer"]] in documents
     positions = Counter(question["answer"] for question in questions)
     assert min(positions.values()) >= 15, positions  # the right answer is not always in one slot
+
+
+def test_every_eval_fact_is_asked_in_the_eval_format_in_the_corpus():
+    """Prose alone left the base at chance on the task (0.24): a tiny model does not carry "The capital of Peru is
+    Lima." over to a question. The corpus asks each eval fact in the task's own prompt format, in other words."""
+    import yaml
+
+    doc_to_text = yaml.safe_load((DATA / "general/general_knowledge.yaml").read_text())["doc_to_text"]
+    asked = Counter({doc_to_text.replace("{{question}}", question) + " " + answer: count
+                     for (question, answer), count in quiz_pairs().items()})
+    training_questions = {}  # held-out wording -> the fact's training wordings, filled in
+    for mapping, _, questions, held_out, _ in generator.FACT_KINDS:
+        for key, value in mapping.items():
+            if held_out:
+                training_questions[generator.phrase(held_out, key, value)] = [
+                    generator.phrase(question, key, value) for question in questions]
+    times = {}
+    for line in (DATA / "general/general_knowledge.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        answer = row["choices"][row["answer"]]
+        times[row["question"]] = sum(asked[doc_to_text.replace("{{question}}", question) + " " + answer]
+                                     for question in training_questions[row["question"]])
+    assert min(times.values()) >= 5, sorted(times.items(), key=lambda item: item[1])[:5]
 
 
 def test_lm_eval_task_loads_offline_from_the_repo_root(monkeypatch):

@@ -135,6 +135,80 @@ def test_perplexity_and_label_likelihood_agree_with_the_models_own_loss(tiny):
         assert choice == max(scores, key=scores.get)
 
 
+def full_logits_reference(model, row, virtual=0):
+    """What scoring computed before it kept logits only where needed: every position, one row, then pick."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, virtual:]
+    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(row["labels"][1:]), ignore_index=-100, reduction="sum")
+    return -nll.item(), logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("method", ["base", "prompt_tuning"])
+def test_scoring_keeps_only_the_logits_it_needs_within_the_budget(tiny, tiny_base, method):
+    """A budget of two logits a pass: one row at a time, its answer positions in chunks of two; the numbers
+    are those of the whole-vocabulary-everywhere computation, and no pass returns more than the budget."""
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny
+    virtual = 0
+    if method == "prompt_tuning":  # peft prepends virtual tokens: their logits come first
+        virtual = 3
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
+                               PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual)).eval()
+    rows = rows_for(tokenizer, [("Is the sky blue?", "yes it is"), ("Which queue handles a double charge?", "billing"),
+                                ("Name a colour of grass, please, in one word.", "green"), ("Hi", "hello there")])
+    sequences = [(row["input_ids"], row["labels"]) for row in rows]
+    expected = [full_logits_reference(model, row, virtual) for row in rows]
+    vocab = scoring.vocab_size(model)
+    budget = 2 * vocab * scoring.NLL_BYTES_PER_LOGIT
+    shapes = []
+    hook = model.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(output.logits.shape)))
+    try:
+        bounded = scoring.sequence_logprobs(model, sequences, batch_size=4, budget=budget)
+    finally:
+        hook.remove()
+    assert shapes and all(rows_ * positions * vocab * scoring.NLL_BYTES_PER_LOGIT <= budget for rows_, positions, _ in shapes)
+    assert any(positions == 2 for _, positions, _ in shapes)  # a row's answer did not fit one pass
+    unbounded = scoring.sequence_logprobs(model, sequences, batch_size=4)
+    for (logprob, count), (free, free_count), (reference, _), row in zip(bounded, unbounded, expected, rows):
+        assert count == free_count == sum(label != -100 for label in row["labels"][1:])
+        assert logprob == pytest.approx(reference, rel=1e-5) and logprob == pytest.approx(free, rel=1e-6)
+    ids = [row["input_ids"] for row in rows]
+    argmax = scoring.argmax_tokens(model, ids, 4, budget=5 * vocab * scoring.ARGMAX_BYTES_PER_LOGIT)
+    assert argmax == scoring.argmax_tokens(model, ids, 4) == [tokens for _, tokens in expected]
+
+
+class EveryPosition:
+    """Like llamacpp.LlamaCppLM: a callable that returns every position's logits, knows no `logits_to_keep`
+    and shows no vocabulary size."""
+
+    def __init__(self, model):
+        self.model, self.shapes = model, []
+
+    def __call__(self, input_ids, attention_mask=None, **_):
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        self.shapes.append(tuple(output.logits.shape))
+        return output
+
+
+def test_a_model_that_returns_every_position_is_batched_by_width(tiny):
+    model, tokenizer = tiny
+    wrapped = EveryPosition(model)
+    rows = rows_for(tokenizer, [("Is the sky blue?", "yes"), ("Name a colour of grass.", "green"), ("Hi", "hello")])
+    width = max(len(row["input_ids"]) for row in rows)
+    budget = 2 * width * scoring.vocab_size(model) * scoring.NLL_BYTES_PER_LOGIT  # two rows' every position
+    assert not scoring.keeps_logits(wrapped)
+    sequences = [(row["input_ids"], row["labels"]) for row in rows]
+    scored = scoring.sequence_logprobs(wrapped, sequences, 8, budget=budget)
+    probe, *passes = wrapped.shapes  # the vocabulary size, from a one-token pass
+    assert probe[:2] == (1, 1) and [rows_ for rows_, _, _ in passes] == [2, 1]
+    for (logprob, count), (expected, expected_count) in zip(scored, scoring.sequence_logprobs(model, sequences, 8)):
+        assert count == expected_count and logprob == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("task, extra, keys", [
     ("classification", {}, {"task.accuracy", "task.macro_f1", "task.weighted_f1", "task.precision", "task.recall",
                             "task.unparseable"}),
@@ -266,6 +340,18 @@ def test_stage_writes_base_and_fine_tuned_side_by_side(stage_repo):
     assert len(confusion) == 12 and set(confusion[0]) == {"actual", "predicted"}
     examples = json.loads((stage_repo / "metrics/examples.json").read_text())
     assert len(examples) == 3 and set(examples[0]) == {"input", "reference", "base", "finetuned"}
+    base = json.loads((stage_repo / "metrics/eval_base.json").read_text())
+    assert (base["settings"]["device"], base["settings"]["dtype"]) == ("cpu", "float32")  # params: device/dtype auto
+    for stage in ("evaluate_base", "evaluate"):  # memory varies run to run: its own file, never in eval*.json
+        memory = json.loads((stage_repo / "metrics" / "memory" / f"{stage}.json").read_text())
+        assert memory["peak_memory_mb"] > 100 and memory["peak_gpu_memory_mb"] is None and memory["device"] == "cpu"
+    assert not any("memory" in key for key in report) and not any("memory" in key for key in base["settings"])
+
+
+def test_a_rerun_writes_the_same_eval_json_byte_for_byte(stage_repo):
+    before = (stage_repo / "metrics/eval.json").read_bytes()
+    run_stage(stage_repo)
+    assert (stage_repo / "metrics/eval.json").read_bytes() == before
 
 
 def test_stage_refuses_a_baseline_made_with_other_settings_or_another_template(stage_repo):

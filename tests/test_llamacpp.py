@@ -122,6 +122,13 @@ def test_generate_greedy_matches_hf(exported):
     assert a == hf_text
 
 
+def test_gguf_is_named_after_the_architecture_not_the_folder(exported):
+    """llama.cpp keys tokenizer behaviour on general.name (Phi-3's chat markers strip the whitespace after them
+    only when it says phi3); the converter would name the model after its folder ("Hf", "Merged")."""
+    llm = llamacpp.load(exported[2]["f16"])
+    assert llm.metadata["general.name"] == "llama"
+
+
 def test_no_stray_temp_files(exported):
     files = exported[2]
     parent = files["f16"].parent

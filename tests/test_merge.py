@@ -59,6 +59,7 @@ print(json.dumps({"logits": model(input_ids=ids).logits[0, -1].tolist(), "reply"
 def test_lora_merge_is_a_standalone_model_that_plain_transformers_loads(tiny_base, adapter, tmp_path):
     report = merge.merge(tiny_base, adapter, "float32", 1e-4, tmp_path / "merged", max_shard_size="1MB")
     assert report["max_logit_diff_vs_adapter"] < 1e-4 and report["max_logit_diff_vs_training"] < 1e-4
+    assert (report["device"], report["dtype"]) == ("cpu", "float32") and report["peak_memory_mb"] > 0
     files = {path.name for path in (tmp_path / "merged").iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
             "chat_template.jinja", "train_method.json"} <= files
@@ -117,6 +118,36 @@ def test_half_precision_merge_within_its_tolerance_and_too_tight_fails(tiny_base
     assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
     with pytest.raises(SystemExit, match=r"merge.atol.float16=1e-06 .*too tight for float16"):
         merge.merge(tiny_base, adapter, "float16", 1e-6, tmp_path / "merged16")
+
+
+def test_half_precision_merge_holds_one_copy_in_that_dtype_and_equals_the_fp32_recipe(tiny_base, adapter, tmp_path,
+                                                                                    monkeypatch):
+    """The base is loaded once, straight into bfloat16 (never an fp32 copy), and the saved model is the one that
+    merging in fp32 and then casting gives (the earlier recipe), to bfloat16's rounding."""
+    loads, original = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: loads.append((kwargs.get("dtype"), kwargs.get("device_map"))) or original(*args, **kwargs))
+    report = merge.merge(tiny_base, adapter, "bfloat16", load_params().merge.atol.bfloat16, tmp_path / "merged")
+    monkeypatch.undo()
+    assert loads == [(torch.bfloat16, "cpu")]
+    assert (report["device"], report["dtype"]) == ("cpu", "bfloat16") and report["peak_memory_mb"] > 0
+    base = load_file(str(tiny_base / "model.safetensors"))
+    fp32 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), adapter)
+    exact = fp32.merge_and_unload().state_dict()
+    recipe = {name: tensor.to(torch.bfloat16) for name, tensor in exact.items()}
+    saved = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    for name, tensor in saved.items():
+        # rounding W and its delta to bfloat16 before adding them, then the sum: within two units in the last
+        # place (bfloat16 keeps 8 significant bits) of the largest of W, the delta and the sum
+        delta = exact[name] - base.get(name, exact[name])
+        scale = torch.maximum(torch.maximum(base.get(name, exact[name]).abs(), delta.abs()), exact[name].abs())
+        assert ((tensor.float() - recipe[name].float()).abs() <= scale * 2 ** -6).all(), name
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.dtype == torch.bfloat16
+    cast = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    cast.load_state_dict(recipe, strict=False)
+    assert merge.max_logit_difference(merged, [(ids, merge.logits(cast.to(torch.bfloat16), ids)) for ids, _ in
+                                               merge.load_reference_logits(adapter)]) < load_params().merge.atol.bfloat16
 
 
 def test_qlora_merges_into_the_dequantized_base_not_4bit_weights(tiny_base, tmp_path, caplog):

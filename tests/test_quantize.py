@@ -96,6 +96,19 @@ def test_gguf_generates_and_scores_in_llama_cpp(quantized, tiny_base):
     assert scoring.perplexity(model, rows[:4], 2) == pytest.approx(scoring.perplexity(hf, rows[:4], 2), rel=0.02)
 
 
+def test_top1_is_batched_within_the_budget_and_equals_one_row_at_a_time(tiny_base, rows):
+    import scoring
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([row["input_ids"]])).logits[0].argmax(-1).tolist() for row in rows[:6]]
+    assert quantize.top1(model, rows[:6], batch_size=4) == alone
+    width = max(len(row["input_ids"]) for row in rows[:6])
+    tight = width * scoring.vocab_size(model) * scoring.ARGMAX_BYTES_PER_LOGIT // 2  # half a row a pass
+    assert scoring.argmax_tokens(model, [row["input_ids"] for row in rows[:6]], 4, budget=tight) == alone
+
+
 PLAIN = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
@@ -130,6 +143,22 @@ def test_checks_fail_past_thresholds_and_name_the_param(quantized):
     assert any("quantize.checks.gguf_q4_k_m.max_perplexity_drop_percent" in problem for problem in problems)
     assert quantize.failed_checks(report, {name: QualityCheck(max_perplexity_drop_percent=50, min_top1_agreement=0.5)
                                            for name in report}) == []
+
+
+def test_a_gptq_group_size_the_layer_widths_refuse_fails_before_any_artifact(tiny_base, rows, tmp_path):
+    """hidden 128, down_proj's input 384: 256 divides neither, so GPTQModel's kernel would fail deep inside
+    (`expect K to be divisible by qGroupSize`); the stage refuses it first, naming widths and valid sizes."""
+    params = load_params()
+    cfg = params.quantize.model_copy(update={"gptq": section("quantize.gptq", group_size=256)})
+    with pytest.raises(SystemExit) as refused:
+        quantize.quantize(tiny_base, ["gguf_q8_0", "gptq"], tmp_path, rows[:2], rows[2:], cfg, params.evaluate, threads=1)
+    message = str(refused.value)
+    assert "quantize.gptq.group_size=256" in message and "384: down_proj" in message
+    assert "128: gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in message
+    assert "Valid here: [-1, 16, 32, 64, 128]" in message
+    assert list(tmp_path.iterdir()) == []  # not even the GGUF conversion ran
+    gptq.check_group_size(tiny_base, 128)  # divides both
+    gptq.check_group_size(tiny_base, -1)
 
 
 def test_prompt_tuning_is_skipped(tmp_path):

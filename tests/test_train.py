@@ -1,6 +1,7 @@
 """train: every method really trains; batching is exact; a killed run resumes to the same result;
 a non-finite loss stops the run and keeps the last good checkpoint; two processes train with DDP."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import device
 import train
 import trainer
 from common import COMPLETE
@@ -50,10 +52,10 @@ def quick(**overrides):
     return section("train", **{**settings, **overrides})
 
 
-def run_fit(tiny_base, data, tmp_path, cfg, callbacks=()):
+def run_fit(tiny_base, data, tmp_path, cfg, callbacks=(), placement=None):
     torch.set_num_threads(1)
     return train.fit(tiny_base, data[0], data[1], cfg, 42, tmp_path / "checkpoints", {"test": 1}, tmp_path / "plots",
-                     callbacks=callbacks)
+                     callbacks=callbacks, placement=placement)
 
 
 # --------------------------------------------------------------------------- batching
@@ -152,6 +154,38 @@ def test_refuses_what_the_machine_cannot_do(tmp_path):
         train.check_platform(quick(method="qlora"), tmp_path)
 
 
+def test_platform_checks_follow_where_the_run_goes_not_what_is_installed(tmp_path, monkeypatch):
+    """`device: cpu` on a GPU box trains on the CPU: fp16 and odd 4-bit sizes are refused there too; a run on
+    the GPU is refused neither."""
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 96, "intermediate_size": 256}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_cpu, on_gpu = device.Placement("cpu", "float32"), device.Placement("cuda", "bfloat16")
+    with pytest.raises(SystemExit, match="fp16.*run is on the CPU"):
+        train.check_platform(quick(fp16=True), tmp_path, on_cpu)
+    with pytest.raises(SystemExit, match="multiples of 64"):
+        train.check_platform(quick(method="qlora"), tmp_path, on_cpu)
+    with pytest.raises(SystemExit, match="compute_dtype: float16"):
+        train.check_platform(quick(method="qlora", qlora={"compute_dtype": "float16"}), tmp_path, on_cpu)
+    train.check_platform(quick(fp16=True), tmp_path, on_gpu)
+    train.check_platform(quick(method="qlora", qlora={"compute_dtype": "float16"}), tmp_path, on_gpu)
+
+
+def test_frozen_bases_train_in_the_resolved_dtype_with_fp32_adapters_and_full_keeps_fp32(tiny_base, data, tmp_path):
+    bf16 = device.Placement("cpu", "bfloat16")
+    lora = train.build_model(tiny_base, quick(method="lora"), 0, bf16)
+    assert {p.dtype for name, p in lora.named_parameters() if "lora_" in name} == {torch.float32}
+    assert {p.dtype for name, p in lora.named_parameters() if "lora_" not in name} == {torch.bfloat16}
+    assert {p.dtype for p in train.build_model(tiny_base, quick(method="full"), 0, bf16).parameters()} == {torch.float32}
+    prompt = train.build_model(tiny_base, quick(method="prompt_tuning"), 0, bf16)
+    assert {p.dtype for p in prompt.parameters() if p.requires_grad} == {torch.float32}
+    qlora = train.build_model(tiny_base, quick(method="qlora", qlora={"compute_dtype": "bfloat16"}), 0, bf16)
+    frozen = {p.dtype for name, p in qlora.named_parameters() if "lora_" not in name}
+    assert frozen == {torch.uint8, torch.bfloat16}  # 4-bit layers; embeddings and norms not upcast to fp32
+    assert all(not p.requires_grad for name, p in qlora.named_parameters() if "lora_" not in name)
+    trained, _, metrics = run_fit(tiny_base, data, tmp_path, quick(method="lora", max_steps=3), placement=bf16)
+    assert metrics["dtype"] == "bfloat16" and math.isfinite(metrics["train_loss"]) and metrics["steps"] == 3
+
+
 def test_params_schema_names_every_bad_training_knob():
     with pytest.raises(Exception, match="bf16 and fp16"):
         section("train", bf16=True, fp16=True)
@@ -194,6 +228,8 @@ def test_checkpoints_made_under_other_settings_or_half_written_are_not_resumed(t
     assert fingerprint(section("train")) == fingerprint(section("train", logging_steps=3, checkpoint_steps=7, threads=2))
     assert fingerprint(section("train")) != fingerprint(section("train", lora={"r": 4}))
     assert fingerprint(section("train")) != fingerprint(section("train", method="full"))
+    assert fingerprint(section("train")) != train.run_fingerprint(tiny_base, tmp_path / "formatted", section("train"), 42,
+                                                                  device.Placement("cpu", "bfloat16"))
 
 
 def mini_repo(path, tiny_base, data, **train_params):
@@ -260,3 +296,23 @@ def test_two_processes_train_with_ddp_through_accelerate(tmp_path, tiny_base, da
     assert metrics["num_processes"] == 2 and metrics["steps"] == 4, output[-2000:]
     assert (repo / "models" / "adapter" / COMPLETE).exists()
     assert json.loads((repo / "models" / "checkpoints" / "checkpoint-4" / "finetune.json").read_text())["step"] == 4
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_prints_the_table(tmp_path):
+    """scripts/gpu_check.sh --dry-run: the GPU check's own code (train.fit for lora / qlora / full, evaluate,
+    merge) on a tiny Qwen2 on the CPU, 3 steps each, and its table."""
+    if not (ROOT / ".venv" / "llama.cpp" / "models" / "ggml-vocab-qwen2.gguf").exists():
+        pytest.skip("the Qwen2 vocab file comes with `make install`")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    env.pop("OUT", None)
+    result = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    header = next(line for line in result.stdout.splitlines() if line.startswith("run "))
+    assert all(column in header for column in ("tokens/s", "MFU", "peak process RSS MiB", "plan MiB", "plan error"))
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    runs = {row["run"]: row for row in report["runs"]}
+    assert report["dry_run"] and set(runs) == {"lora", "qlora", "full", "evaluate (lora)", "merge (lora, float32)"}
+    assert all(runs[method]["steps"] == 3 and abs(runs[method]["plan_error_percent"]) < 25 for method in ("lora", "full"))
+    assert "max logit diff" in runs["merge (lora, float32)"]["result"]
