@@ -28,11 +28,18 @@ LEARNING_RATE = {"full": 1e-3, "lora": 1e-2, "qlora": 1e-2, "prompt_tuning": 1e-
 PROMPTS = ["The capital of France is", "Route this ticket: my card was charged twice"]
 
 # per method: (loss, grad_norm) of each of the first 3 optimizer steps (batch 4, no warmup, no dropout)
-STEPS = None
+STEPS = {
+    "full": [(11.97083568572998, 6.720988), (11.685200691223145, 5.634437), (11.442244529724121, 4.930992)],
+    "lora": [(11.97083568572998, 1.415525), (11.763398170471191, 1.44848), (11.513949394226074, 1.13474)],
+    "qlora": [(11.977438926696777, 1.450494), (11.784574508666992, 1.473238), (11.519367218017578, 1.116974)],
+    "prompt_tuning": [(11.967235565185547, 0.014165), (11.946918487548828, 0.017747), (11.954254150390625, 0.01283)],
+}
 # the merged LoRA model: the last position's first 6 logits for each prompt, and the sum of all its logits
-MERGED = None
+MERGED = [[-0.13034, -0.03151, 0.11411, 0.07236, -0.04948, -0.07739, 36.208],
+          [0.19146, 0.04914, 0.06954, -0.05804, 0.15092, -0.04406, -70.964]]
 # scoring.evaluate_model on the untouched base, task generation, 4 new tokens
-EVALUATION = None
+EVALUATION = {"task.bleu": 0.0, "task.rouge1": 0.0, "task.rouge2": 0.0, "task.rougeL": 0.0, "task.meteor": 0.0,
+              "perplexity": 155974.64406}
 
 
 def pinned(name, value, expected, rel=1e-5):
@@ -40,7 +47,17 @@ def pinned(name, value, expected, rel=1e-5):
         print(f"\n{name} = {value!r}")
         return
     assert expected is not None, f"{name} is not pinned yet: run with PIN_PRINT=1"
-    assert value == pytest.approx(expected, rel=rel, abs=1e-6), f"{name} changed: {value!r} != pinned {expected!r}"
+    if isinstance(value, dict):
+        assert sorted(value) == sorted(expected), f"{name}: other metrics than pinned: {sorted(value)}"
+    assert flat(value) == pytest.approx(flat(expected), rel=rel, abs=1e-6), f"{name} changed: {value!r} != pinned {expected!r}"
+
+
+def flat(value) -> list:
+    if isinstance(value, dict):
+        return [item for key in sorted(value) for item in flat(value[key])]
+    if isinstance(value, (list, tuple)):
+        return [item for inner in value for item in flat(inner)]
+    return [value]
 
 
 @pytest.fixture(scope="module")
