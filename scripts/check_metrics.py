@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SKIP = ["*seconds*", "*per_second*", "*memory*", "*mfu*", "examples.json:*"]
+SKIP = ["*seconds*", "*per_second*", "*memory*", "*mfu*", "*framework*", "examples.json:*"]  # framework: measured RSS
 
 
 def flatten(value, prefix: str = "") -> dict[str, object]:
