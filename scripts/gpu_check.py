@@ -74,7 +74,7 @@ def train_row(method: str, metrics: dict, seconds: float, cuda: bool) -> dict:
 
     from trainer import peak_rss_mb
 
-    framework = metrics["plan"].get("framework_mb", 0)
+    framework = metrics["plan"].get("framework_memory_mb", 0)
     plan = metrics["plan_peak_memory_mb"] - (framework if cuda else 0)
     measured = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else peak_rss_mb()
     return {"run": method, "steps": metrics["steps"], "tokens_per_second": metrics["tokens_per_second"],

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (README "GPU check"): bf16 LoRA, QLoRA (nf4) and full fine-tuning of a ~0.5B Qwen2-shaped
 # model built offline, a few hundred steps each through the train stage's own train.fit, then evaluate and
-# merge on the GPU; one table (tokens/s, MFU, peak GPU memory beside the memory plan). About 4-5 minutes on
-# one H100/H200, well inside 8 (the whole script is cut at GPU_CHECK_TIMEOUT, 480 s by default).
+# merge on the GPU; one table (tokens/s, MFU, peak GPU memory beside the memory plan). Sized for a few minutes
+# on one H100/H200 (not yet timed there); the whole script is cut at GPU_CHECK_TIMEOUT, 480 s by default.
 #
 #   scripts/gpu_check.sh [--steps N] [--methods lora,qlora,full] [--out DIR]   on a GPU machine
 #   scripts/gpu_check.sh --dry-run                                          anywhere: tiny model, 3 steps, CPU

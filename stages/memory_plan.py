@@ -19,7 +19,10 @@ batch (from data/formatted when train calls it) and the method:
 - logits: only at the trained positions (trainer.step_loss), with their fp32 copy, log-softmax and
   gradient;
 - the framework itself: the measured RSS of this process (torch, transformers, peft, the tokenizer,
-  the data) on a CPU; the CUDA context on a GPU.
+  the data) on a CPU; the CUDA context on a GPU;
+- on a CPU, what glibc's heap keeps of freed mid-sized tensors (activations x 1.3; for qlora, what
+  bitsandbytes' CPU conversions leave), measured: the formulas above match autograd's saved tensors
+  to 1%, and RSS to 1% with MALLOC_MMAP_THRESHOLD_=1MiB, 7-32% above them without.
 
 Peak = the framework plus the largest of four phases: loading, the training step (forward and
 backward), the optimizer step, and saving (the reference logits).
@@ -182,8 +185,8 @@ class Plan:
 
     def table(self) -> list[str]:
         width = max(len(c.name) for c in self.components)
-        lines = [f"  {c.name:<{width}} {c.bytes / MIB:>10,.1f} MiB  {'/'.join(c.phases) if len(c.phases) < 4 else 'all':<22} {c.note}"
-                 for c in self.components]
+        lines = [f"  {c.name:<{width}} {c.bytes / MIB:>10,.1f} MiB  "
+                 f"{'/'.join(c.phases) if len(c.phases) < len(PHASES) else 'all':<22} {c.note}" for c in self.components]
         lines.append("  " + ", ".join(f"{phase} {self.phase_bytes(phase) / MIB:,.0f}" for phase in PHASES) + " MiB")
         lines.append(f"  peak {self.peak_mib:,.0f} MiB ({self.peak_phase}); {self.flops_per_token:.3g} FLOPs/token, "
                      f"{self.flops_per_step:.3g} FLOPs/step")
@@ -218,7 +221,8 @@ def describe(config, target_modules=None, checkpoint_bytes: int = 0) -> Shape:
             role = "mlp_in" if module.in_features == hidden else "mlp_mid"
         else:
             role = "other"
-        linears.append(Linear(name, module.in_features, module.out_features, role, int(found.group(1)) if found else None))
+        layer = int(found.group(1)) if found else None
+        linears.append(Linear(name, module.in_features, module.out_features, role, layer))
     first = [linear for linear in linears if linear.layer == 0]
     intermediate = next((linear.in_features for linear in first if linear.role == "mlp_mid"), 4 * hidden)
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -278,7 +282,7 @@ def activation_bytes_per_token_layer(shape: Shape, s: Settings, sequence_length:
                     kept = True
             if linear.name in lora:
                 if s.lora_dropout > 0:
-                    extra += (noise + (2 if autocast else 4)) * width  # dropout's noise and output (cast under autocast)
+                    extra += (noise + (2 if autocast else 4)) * width  # dropout's noise and output (autocast: cast)
                 elif autocast:
                     extra += 2 * width
                 elif dtype_bytes == 4:
@@ -330,7 +334,8 @@ def plan(shape: Shape, s: Settings, work: Workload, framework_mib: float) -> Pla
     trainable = total if s.method == "full" else sum(adapter)
     tensors = [count for _, count in shape.parameters] if s.method == "full" else adapter
     framework = "measured RSS: torch, transformers, peft, tokenizer, data" if s.device == "cpu" else "CUDA context"
-    add("framework", framework_mib * MIB, PHASES, framework)
+    # measured, so it varies run to run: named for scripts/check_metrics.py's `*memory*` skip
+    add("framework_memory", framework_mib * MIB, PHASES, framework)
     if s.device == "cpu":
         add("runtime", CPU_RUNTIME_MIB * MIB, PHASES[1:], "kernels' buffers, autograd, the Trainer")
     if s.method == "full":
@@ -339,14 +344,16 @@ def plan(shape: Shape, s: Settings, work: Workload, framework_mib: float) -> Pla
     elif s.method == "qlora":
         quantized = sum(linear.in_features * linear.out_features for linear in shape.quantizable)
         weights = four_bit_bytes(quantized, s.double_quant) + base_bytes * (total - quantized)
-        add("weights", base_bytes * (total - quantized), PHASES, f"{(total - quantized) / 1e6:,.1f}M params not quantized, {s.dtype}")
+        add("weights", base_bytes * (total - quantized), PHASES,
+            f"{(total - quantized) / 1e6:,.1f}M params not quantized, {s.dtype}")
         add("weights_4bit", four_bit_bytes(quantized, s.double_quant), PHASES,
             f"{quantized / 1e6:,.1f}M params, {s.quant_type} + absmax{' (double quant)' if s.double_quant else ''}")
     else:
         weights = base_bytes * total
         add("weights", weights, PHASES, f"{total / 1e6:,.1f}M params, frozen, {s.dtype}")
     add("adapter", 4.0 * sum(adapter), PHASES, f"{sum(adapter):,} trainable params, fp32")
-    if s.device == "cpu" and shape.checkpoint_bytes and (s.method == "qlora" or abs(weights - shape.checkpoint_bytes) > 0.1 * weights):
+    converted = s.method == "qlora" or abs(weights - shape.checkpoint_bytes) > 0.1 * weights  # not mapped as they are
+    if s.device == "cpu" and shape.checkpoint_bytes and converted:
         add("checkpoint_pages", shape.checkpoint_bytes, ("load",), "the weight files' pages while converting them")
     add("gradients", 4.0 * trainable, ("step", "optimizer"), "fp32, one per trainable param")
     if s.num_processes > 1:
@@ -378,9 +385,8 @@ def plan(shape: Shape, s: Settings, work: Workload, framework_mib: float) -> Pla
     else:
         add("activations", activations + final_norm + head_input, ("step",), note)
     positions = work.rows * work.trained_columns
-    logit_bytes = act if s.method == "full" or autocast else base_bytes
     # backward of the loss holds log-softmax's fp32 output, its gradient and the logits' (then cast back)
-    per_logit = 12 + (logit_bytes if logit_bytes != 4 else 0)
+    per_logit = 12 + (act if act != 4 else 0)
     add("logits", positions * shape.vocab_size * per_logit, ("step",),
         f"{positions:,} trained positions x {shape.vocab_size:,} vocab x {per_logit} B")
     if autocast:
@@ -388,18 +394,20 @@ def plan(shape: Shape, s: Settings, work: Workload, framework_mib: float) -> Pla
         add("autocast_weights", 2.0 * linear_params, ("step",), f"{s.mixed_precision} copies of the linear weights")
     if s.method == "qlora":
         largest = max(linear.in_features * linear.out_features for linear in shape.quantizable)
-        add("dequantized_weight", 2.0 * DTYPE_BYTES[s.compute_dtype] * largest, ("step",), "the largest layer, de-quantized")
+        add("dequantized_weight", 2.0 * DTYPE_BYTES[s.compute_dtype] * largest, ("step",),
+            "the largest layer, de-quantized")
         if s.device == "cpu":
             quantized = sum(linear.in_features * linear.out_features for linear in shape.quantizable)
             add("cpu_4bit_heap", CPU_4BIT_HEAP_BYTES * quantized, ("step", "optimizer", "save"),
                 "heap left by bitsandbytes' CPU conversions")
     # train keeps the reference prompts' fp32 logits on the host; safetensors writes from the tensors themselves
     reference = (work.reference_tokens if s.device == "cpu" else REFERENCE_TOKENS) * shape.vocab_size * 4
-    add("reference_logits", reference, ("save",), f"{work.reference_tokens} prompt tokens x {shape.vocab_size:,} vocab, fp32")
+    add("reference_logits", reference, ("save",),
+        f"{work.reference_tokens} prompt tokens x {shape.vocab_size:,} vocab, fp32")
     by_name = {linear.name: linear for linear in shape.linears}
     linear_flops = sum(linear.in_features * linear.out_features for linear in shape.linears)
-    lora_flops = sum(s.lora_r * (by_name[name].in_features + by_name[name].out_features) for name in shape.lora_targets) \
-        if s.method in ("lora", "qlora") else 0
+    lora_flops = 0 if s.method not in ("lora", "qlora") else \
+        sum(s.lora_r * (by_name[name].in_features + by_name[name].out_features) for name in shape.lora_targets)
     # train.parameter_counts' convention: 4N + 2N_trainable over every linear layer, LoRA's included
     flops_per_token = 4 * (linear_flops + lora_flops) + 2 * (linear_flops if s.method == "full" else lora_flops)
     return Plan(s, tuple(components), flops_per_token, flops_per_token * work.tokens_per_step, trainable)
@@ -431,8 +439,11 @@ def capacity_mib(device: str) -> tuple[float, str]:
 
 
 def alternatives(shape: Shape, s: Settings, work: Workload, framework: float, capacity: float) -> list[str]:
-    """The knob changes that fit `capacity` MiB: a smaller batch, then gradient checkpointing, qlora and an
-    8-bit optimizer, each alone (with a smaller batch if it needs one), then all together."""
+    """The knob changes that fit `capacity` MiB: gradient checkpointing, qlora, an 8-bit optimizer (full
+    fine-tuning), alone and together, each with the largest batch that fits; fewest knobs first, and no
+    set that only adds knobs to one that already fits."""
+    from itertools import combinations
+
     knobs = []
     if not s.gradient_checkpointing:
         knobs.append(("train.gradient_checkpointing: true", {"gradient_checkpointing": True}))
@@ -440,21 +451,27 @@ def alternatives(shape: Shape, s: Settings, work: Workload, framework: float, ca
         knobs.append(("train.method: qlora", {"method": "qlora"}))
     if s.method == "full" and s.optimizer == "adamw_torch":
         knobs.append(("train.optimizer: adamw_bnb_8bit", {"optimizer": "adamw_bnb_8bit"}))
-    found = []
-    for chosen in [[]] + [[knob] for knob in knobs] + ([knobs] if len(knobs) > 1 else []):
-        settings = replace(s, **{key: value for _, change in chosen for key, value in change.items()})
-        names = [text for text, _ in chosen]
-        rows = work.rows if chosen else work.rows // 2
-        while rows >= 1:
-            smaller = replace(work, rows=rows, tokens_per_step=work.tokens_per_step * rows / work.rows)
-            peak = plan(shape, settings, smaller, framework).peak_mib
-            if peak <= capacity:
-                batch = [] if rows == work.rows else [f"train.batch_size: {rows} (gradient_accumulation_steps x "
-                                                      f"{math.ceil(work.rows / rows)} keeps the batch)"]
-                found.append(f"{' + '.join(names + batch)} ({peak:,.0f} MiB)")
-                break
-            rows //= 2
-    return found
+    found, enough = [], []
+    for count in range(len(knobs) + 1):
+        for chosen in combinations(knobs, count):
+            changes = {key: value for _, change in chosen for key, value in change.items()}
+            names = {text for text, _ in chosen}
+            if changes.get("method") == "qlora" and "optimizer" in changes or any(fits <= names for fits in enough):
+                continue  # an 8-bit optimizer means nothing for qlora's small adapter
+            settings = replace(s, **changes)
+            rows = work.rows if chosen else work.rows // 2
+            while rows >= 1:
+                smaller = replace(work, rows=rows, tokens_per_step=work.tokens_per_step * rows / work.rows)
+                peak = plan(shape, settings, smaller, framework).peak_mib
+                if peak <= capacity:
+                    batch = [] if rows == work.rows else [f"train.batch_size: {rows} (gradient_accumulation_steps x "
+                                                          f"{math.ceil(work.rows / rows)} keeps the batch)"]
+                    found.append(f"{' + '.join([text for text, _ in chosen] + batch)} ({peak:,.0f} MiB)")
+                    if rows == work.rows:
+                        enough.append(names)
+                    break
+                rows //= 2
+    return found[:4]
 
 
 def check_fits(result: Plan, shape: Shape, work: Workload, framework: float, capacity: float, what: str) -> None:
@@ -563,15 +580,16 @@ def main(argv: list[str] | None = None) -> None:
     import peft  # noqa: F401
     from transformers import Trainer  # noqa: F401
 
+    targets = cfg.lora.target_modules if cfg.method in ("lora", "qlora") else None
     if args.shape:
         from transformers import AutoConfig
 
-        shape = describe(AutoConfig.for_model(**PUBLIC_SHAPES[args.shape]), cfg.lora.target_modules)
+        shape = describe(AutoConfig.for_model(**PUBLIC_SHAPES[args.shape]), targets)
     else:
         base = args.base or ROOT / "models" / "base"
         if not (base / "config.json").exists():
             raise SystemExit(f"{base} has no config.json: give --base DIR, or --shape NAME")
-        shape = describe_base(base, cfg.lora.target_modules)
+        shape = describe_base(base, targets)
         if (base / "tokenizer.json").exists() or (base / "tokenizer_config.json").exists():
             from transformers import AutoTokenizer
 
