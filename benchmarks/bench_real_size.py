@@ -32,6 +32,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import family_matrix  # noqa: E402  (copy_repo: this working tree as a fresh clone)
 STAGES = [("base", ["stages/base.py"]), ("ingest", ["stages/ingest.py"]), ("dedup_filter", ["stages/dedup_filter.py"]),
           ("format", ["stages/format.py"]), ("train", ["stages/train.py"]),
           ("evaluate_base", ["stages/evaluation.py", "base"]), ("evaluate", ["stages/evaluation.py"]),
@@ -40,17 +42,6 @@ GOALS = {"train": 3.0, "evaluate_base": 2.0, "evaluate": 2.0, "merge": 2.5}
 # where each stage records its own peak memory (MiB), and the train stage's estimate
 OWN_RECORD = {"train": "metrics/train.json", "evaluate_base": "metrics/memory/evaluate_base.json",
               "evaluate": "metrics/memory/evaluate.json", "merge": "metrics/merge.json", "quantize": "metrics/quantize.json"}
-
-
-def working_tree_copy(destination: Path) -> Path:
-    """The files git sees (tracked and untracked, not ignored): a fresh clone of this working tree."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                            capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        if (ROOT / name).is_file():
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, destination / name)
-    return destination
 
 
 def small_run(params: dict, model: Path, args) -> dict:
@@ -114,7 +105,7 @@ def main() -> None:
                        check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         parameters = json.loads((model / "family.json").read_text())["parameters"]
         bf16_mb = parameters * 2 / 2**20
-        repo = working_tree_copy(scratch / "repo")
+        repo = family_matrix.copy_repo(scratch / "repo")
         params = small_run(yaml.safe_load((repo / "params.yaml").read_text()), model, args)
         params["threads"] = args.threads
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
