@@ -11,6 +11,7 @@ import logging
 import os
 import platform
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -40,10 +41,80 @@ def pin_cpu_code_paths() -> None:
 pin_cpu_code_paths()
 
 
+# --------------------------------------------------------------------------- quiet output
+# A stage prints one start line, its own progress and one summary line; FINETUNE_VERBOSE=1 (`FINETUNE_VERBOSE=1
+# dvc repro`) brings back everything below. What is silenced is what no user of this project can act on,
+# each with the reason:
+VERBOSE = os.environ.get("FINETUNE_VERBOSE", "0") not in ("", "0")
+NOISE = [  # (logger, text the message contains): why it is not actionable
+    # we set TORCHAO_FORCE_SKIP_LOADING_SO_FILES ourselves, below
+    ("torchao", "TORCHAO_FORCE_SKIP_LOADING_SO_FILES"),
+    # Triton kernels are CUDA-only: on a CPU there is nothing to install
+    ("torchao.kernel.intmm", "Detected no triton"),
+    # torchao 0.18 (the version GPTQModel 7.6 requires) registers enums the way torch 2.13 deprecates
+    ("torch.utils._pytree", "is an Enum subclass"),
+    # bitsandbytes offers optional CPU 4-bit kernels from the Hub, which this offline pipeline never fetches
+    ("bitsandbytes.backends.cpu.ops", "kernels-community"),
+    # lm-eval is handed our already-loaded model on purpose (evaluation.py)
+    ("lm_eval.models.huggingface", "already-initialized model"),
+    ("lm_eval.models.huggingface", "`pretrained` model kwarg is not of type `str`"),
+    # a GPTQ model loaded back through GPTQModel has no loss_type; we compute our own losses
+    ("transformers.modeling_utils", "was set in the config but it is unrecognized"),
+]
+QUIET_LOGGERS = {  # logger: the lowest level still shown
+    "lm_eval": logging.WARNING,  # task set-up chatter
+    "logbar": logging.ERROR,  # GPTQModel's banner, environment notes and "GIL is enabled" advice
+    # llama.cpp's loader dump and per-tensor quantize lines; the quantize stage reports K-quant fallbacks itself
+    "llama-cpp-python": logging.ERROR,
+}
+WARNINGS = [  # (category, message start): Python warnings raised inside libraries about their own calls
+    (FutureWarning, "`is_gradient_checkpointing` is deprecated"),  # peft calls transformers' old name
+]
+
+
+class _Noise(logging.Filter):
+    def __init__(self, texts: list[str]):
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.texts)
+
+
+def quiet_libraries() -> None:
+    """Runs before torch is imported. torchao's two compiled libraries (`_C_mxfp8`, `_C_cutlass_90a`) are
+    CUDA kernels: with a CPU-only torch they cannot load and each import logged the failure; torchao's own
+    switch skips them. On a CUDA build of torch nothing changes."""
+    import importlib.util
+    import warnings
+
+    spec = importlib.util.find_spec("torch")
+    torch_lib = Path(spec.origin).parent / "lib" if spec and spec.origin else None
+    if torch_lib and torch_lib.is_dir() and not any(torch_lib.glob("libtorch_cuda*")):
+        os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+    if VERBOSE:
+        return
+    by_logger: dict[str, list[str]] = {}
+    for name, text in NOISE:
+        by_logger.setdefault(name, []).append(text)
+    for name, texts in by_logger.items():
+        logging.getLogger(name).addFilter(_Noise(texts))
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    for category, start in WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(start), category=category)
+    if not sys.stderr.isatty():  # logs and CI: no per-file bars (loading weights, downloads); long steps'
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # bars print at start, every 30 s, at the end
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
+
+
+quiet_libraries()
+
+
 # --------------------------------------------------------------------------- runtime
 def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
 
 
 def setup(stage: str, sections: dict[str, type], params_path: Path | str = PARAMS_FILE):
@@ -55,7 +126,7 @@ def setup(stage: str, sections: dict[str, type], params_path: Path | str = PARAM
     except ParamsError as exc:
         log.error("%s", exc)
         raise SystemExit(2) from None
-    log.info("stage %s, params: %s", stage, json.dumps(params.model_dump(), sort_keys=True))
+    log.info("stage %s, params: %s", stage, json.dumps(params.model_dump(), sort_keys=True, separators=(",", ":")))
     return tracked(params, stage)
 
 

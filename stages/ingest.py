@@ -18,7 +18,7 @@ import os
 from array import array
 from pathlib import Path
 
-from common import ROOT, atomic_dir, setup, write_json
+from common import ROOT, VERBOSE, atomic_dir, setup, write_json
 from schema.ingest import Ingest
 from sources import BadRow, read_rows
 
@@ -161,7 +161,7 @@ def ingest(sources, seed: int, cfg, out_dir: Path, rejects_path: Path, root: Pat
         for kind, item in records(sources, root):
             if kind == "reject":
                 dump(rejects, item)
-                first_rejects += [item] if len(first_rejects) < 20 else []
+                first_rejects += [item] if len(first_rejects) < (20 if VERBOSE else 3) else []
             elif kind == "source":
                 summary["sources"][item.pop("name")] = item
             else:
@@ -179,6 +179,9 @@ def ingest(sources, seed: int, cfg, out_dir: Path, rejects_path: Path, root: Pat
     summary["rejected"] = sum(item["rejected"] for item in summary["sources"].values())
     for item in first_rejects:
         log.warning("rejected %s line %s: %s", item["source"], item["line"], item["reason"])
+    if summary["rejected"] > len(first_rejects):
+        log.warning("... and %d more rejected rows: each with its reason in %s", summary["rejected"] - len(first_rejects),
+                    REJECTS.relative_to(ROOT))
     return summary
 
 

@@ -9,12 +9,16 @@ script and its vendored gguf-py extracted from the sdist).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from common import VERBOSE
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +117,25 @@ def hf_to_gguf(model_dir, out_path, outtype: str = "f16", script_dir=None, timeo
     return out
 
 
+@contextlib.contextmanager
+def native_stderr():
+    """Hold what native code writes to the process's stderr (llama.cpp prints a line per tensor, some
+    straight to fd 2, past its log callback) and yield a function returning it, for an error message;
+    with FINETUNE_VERBOSE it goes through as before."""
+    if VERBOSE:
+        yield lambda: ""
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: (sink.seek(0), sink.read().decode(errors="replace"))[1]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def quantize_gguf(src, dst, qtype: str, n_threads: int | None = None) -> Path:
     """Quantize an f32/f16 GGUF with llama.cpp (K-quants included); atomic write."""
     import llama_cpp
@@ -125,9 +148,10 @@ def quantize_gguf(src, dst, qtype: str, n_threads: int | None = None) -> Path:
     params.ftype = ftype
     params.nthread = n_threads or (os.cpu_count() or 1)
     try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        with native_stderr() as output:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0 or not tmp.is_file():
-            raise RuntimeError(f"llama_model_quantize({src}, {qtype}) returned {rc}")
+            raise RuntimeError(f"llama_model_quantize({src}, {qtype}) returned {rc}:\n{output()[-4000:]}")
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ def repo(tmp_path_factory):
         sh(repo, *command)
     first = sh(repo, "dvc", "repro")
     assert ran(first.stdout) >= set(UPSTREAM + DOWNSTREAM + ["evaluate_base"]), first.stdout
+    (repo.parent / "first_repro.log").write_text(first.stdout + first.stderr)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run")
     return repo
@@ -53,6 +54,18 @@ def test_full_run_writes_every_artifact(repo):
     assert evaluation["perplexity"] < evaluation["base.perplexity"]
     quantized = json.loads((repo / "metrics/quantize.json").read_text())
     assert quantized["gguf_q8_0.size_ratio"] < 0.5 and abs(quantized["gguf_q8_0.perplexity_drop_percent"]) < 2
+
+
+def test_output_is_short_and_free_of_library_noise(repo):
+    """What `make run` prints: a start line, progress and a summary per stage; no import warnings, no
+    llama.cpp loader dump, no per-tensor lines (FINETUNE_VERBOSE=1 brings them back)."""
+    output = (repo.parent / "first_repro.log").read_text()
+    assert len(output.encode()) < 15_000, f"{len(output.encode())} bytes:\n{output}"
+    for noise in ("torchao", "_pytree", "Failed to load", "llama_model_loader", "FutureWarning", "Loading weights",
+                  "kernels-community", "Passed an already-initialized model"):
+        assert noise not in output, noise
+    for stage in UPSTREAM + DOWNSTREAM:
+        assert f"Running stage '{stage}'" in output
 
 
 def test_second_repro_is_a_no_op(repo):
