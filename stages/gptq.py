@@ -1,4 +1,4 @@
-"""GPTQ with GPTQModel (the maintained successor of AutoGPTQ, the backend transformers uses).
+"""GPTQ and AWQ with GPTQModel (the maintained successor of AutoGPTQ and AutoAWQ, the backend transformers uses).
 
 GPTQModel runs in its own process (`python stages/gptq.py SPEC.json`): importing it patches
 transformers and safetensors and points HF_HOME at a temp folder unless it is set, and
@@ -8,6 +8,12 @@ HF_HOME and a scratch working directory, and the calling process stays untouched
 On CPU (GPTQModel 7.6.0, torch 2.13): it quantizes (`pack_impl="original"` skips a long
 kernel compile), and the result loads in plain `transformers` (`AutoModelForCausalLM`, with
 `optimum` + `gptqmodel` installed) through GPTQModel's torch kernel. On a GPU it does the same, faster.
+
+AWQ (`quant_method=awq`, the GEMM checkpoint format transformers and vLLM load): GPTQModel 7.6 packs with its
+CUDA kernel by default ("AWQ: CUDA is not available" on a CPU); its portable torch packer
+(`BACKEND.AWQ_TORCH`) writes the same GEMM checkpoint anywhere, and transformers reloads it on the CPU
+through GPTQModel's torch AWQ kernel, on a GPU through its CUDA ones. llm-compressor is not an option: every
+release caps transformers at or below 5.17.
 """
 from __future__ import annotations
 
@@ -25,11 +31,14 @@ from pathlib import Path
 log = logging.getLogger("finetune.gptq")
 CALIBRATION = "calibration.jsonl"
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what GPTQModel's kernels take (-1: one group per row)
+AWQ_GROUP_SIZES = (-1, 16, 32, 64, 128)  # what its AWQ kernels take (torch and CUDA GEMM alike)
+METHODS = {"gptq": GROUP_SIZES, "awq": AWQ_GROUP_SIZES}  # the quantize.formats GPTQModel makes
 DECODER_LAYER = re.compile(r"\.(layers|h|blocks)\.\d+\.")  # GPTQ quantizes the linear layers of the decoder blocks
 
 
-def layer_widths(model_dir) -> dict[str, int]:
-    """Input width of every linear layer GPTQ quantizes, from the safetensors headers (no weights loaded)."""
+def layer_widths(model_dir, dim: int = 1) -> dict[str, int]:
+    """Input width (dim 1; dim 0: output width) of every linear layer GPTQ quantizes, from the safetensors
+    headers (no weights loaded)."""
     from safetensors import safe_open
 
     widths = {}
@@ -38,26 +47,34 @@ def layer_widths(model_dir) -> dict[str, int]:
             for name in tensors.keys():
                 shape = tensors.get_slice(name).get_shape()
                 if name.endswith(".weight") and len(shape) == 2 and DECODER_LAYER.search(name):
-                    widths[name.removesuffix(".weight")] = shape[1]
+                    widths[name.removesuffix(".weight")] = shape[dim]
     return widths
 
 
-def check_group_size(model_dir, group_size: int) -> None:
+def check_group_size(model_dir, group_size: int, method: str = "gptq") -> None:
     """A group is a run of input columns sharing one scale: group_size must divide every layer's input width
-    (else GPTQModel's kernel fails deep inside, `expect K to be divisible by qGroupSize`)."""
+    (else GPTQModel's kernel fails deep inside, `expect K to be divisible by qGroupSize`) and be one of the
+    sizes `method`'s kernels take."""
+    sizes = METHODS[method]
+    if method == "awq":  # its clip search takes output channels in batches of 64 (an assert deep inside, otherwise)
+        narrow = sorted({f"{name.rsplit('.', 1)[-1]} ({width})" for name, width in layer_widths(model_dir, 0).items()
+                         if width % 64})
+        if narrow:
+            raise SystemExit(f"quantize.formats: awq needs every quantized layer's output width to be a multiple of 64 "
+                             f"(GPTQModel's AWQ clip search); this model has {', '.join(narrow)}: drop awq, or use gptq")
     widths = layer_widths(model_dir)
     if group_size == -1 or not widths:
         return
-    if group_size in GROUP_SIZES and all(width % group_size == 0 for width in widths.values()):
+    if group_size in sizes and all(width % group_size == 0 for width in widths.values()):
         return
     by_width: dict[int, list[str]] = {}
     for name, width in widths.items():
         by_width.setdefault(width, []).append(name.rsplit(".", 1)[-1])
     described = "; ".join(f"{width}: {', '.join(sorted(set(names)))}" for width, names in sorted(by_width.items()))
-    valid = [size for size in GROUP_SIZES if size == -1 or all(width % size == 0 for width in widths.values())]
-    raise SystemExit(f"quantize.gptq.group_size={group_size} does not fit this model: a group is a run of input "
+    valid = [size for size in sizes if size == -1 or all(width % size == 0 for width in widths.values())]
+    raise SystemExit(f"quantize.{method}.group_size={group_size} does not fit this model: a group is a run of input "
                      f"columns, so it must divide every quantized layer's input width ({described}) and be one of "
-                     f"GPTQModel's sizes {list(GROUP_SIZES)}. Valid here: {valid}")
+                     f"GPTQModel's sizes {list(sizes)}. Valid here: {valid}")
 
 
 def calibration_rows(train_rows: list[dict], size: int, seed: int) -> list[dict]:
@@ -71,7 +88,8 @@ def fuse_split_layers(merged_dir, out_dir) -> list[str]:
     """GPTQModel 7.6.0 quantizes Phi-3's fused `gate_up_proj` as two layers, `gate_proj` and `up_proj`, and saves
     them so; transformers (and vLLM) load `gate_up_proj`, and would leave it uninitialised (garbage g_idx). Join
     them back where the merged model has the fused layer: concatenated along the output dimension (GPTQ packs
-    qweight along the input one, qzeros along the output one, 32 // bits per int32). Returns the joined layers."""
+    qweight along the input one, qzeros along the output one, 32 // bits per int32; AWQ's GEMM layout packs both
+    along the output one, in blocks of 8 columns, and has no g_idx). Returns the joined layers."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -91,14 +109,15 @@ def fuse_split_layers(merged_dir, out_dir) -> list[str]:
                 continue
             if f"{gate}.qweight" not in tensors or f"{up}.qweight" not in tensors:
                 raise SystemExit(f"quantize: GPTQ split {layer} into gate_proj/up_proj across shards; cannot join it back")
-            if not torch.equal(tensors[f"{gate}.g_idx"], tensors[f"{up}.g_idx"]):
+            if f"{gate}.g_idx" in tensors and not torch.equal(tensors[f"{gate}.g_idx"], tensors[f"{up}.g_idx"]):
                 raise SystemExit(f"quantize: GPTQ quantized {layer}'s halves with different column orders (desc_act), "
                                  "which one fused layer cannot hold; use quantize.gptq.desc_act: false")
             for part, dim in (("qweight", 1), ("qzeros", 1), ("scales", 1), ("bias", 0)):
                 if f"{gate}.{part}" in tensors:
                     tensors[f"{layer}.{part}"] = torch.cat([tensors.pop(f"{gate}.{part}"), tensors.pop(f"{up}.{part}")], dim)
-            tensors[f"{layer}.g_idx"] = tensors.pop(f"{gate}.g_idx")
-            del tensors[f"{up}.g_idx"]
+            if f"{gate}.g_idx" in tensors:
+                tensors[f"{layer}.g_idx"] = tensors.pop(f"{gate}.g_idx")
+                del tensors[f"{up}.g_idx"]
             joined.append(layer)
         if joined:
             save_file(tensors, shard, metadata=metadata)
@@ -114,15 +133,17 @@ def fuse_split_layers(merged_dir, out_dir) -> list[str]:
     return joined
 
 
-def quantize_gptq(merged_dir, out_dir, calibration: list[dict], cfg, threads: int) -> float:
-    """Quantize merged_dir into out_dir (with calibration.jsonl beside it); returns the seconds it took."""
+def quantize_gptq(merged_dir, out_dir, calibration: list[dict], cfg, threads: int, method: str = "gptq") -> float:
+    """Quantize merged_dir into out_dir (with calibration.jsonl beside it) with `method` (gptq: cfg is
+    quantize.gptq; awq: quantize.awq); returns the seconds it took."""
     out_dir = Path(out_dir)
-    check_group_size(merged_dir, cfg.group_size)
-    with tempfile.TemporaryDirectory(prefix="gptq-") as scratch:
+    desc_act = getattr(cfg, "desc_act", False)  # AWQ has no column reordering
+    check_group_size(merged_dir, cfg.group_size, method)
+    with tempfile.TemporaryDirectory(prefix=f"{method}-") as scratch:
         spec = Path(scratch) / "spec.json"
         spec.write_text(json.dumps({"merged": str(Path(merged_dir).resolve()), "out": str(out_dir.resolve()),
-                                    "calibration": calibration, "bits": cfg.bits, "group_size": cfg.group_size,
-                                    "desc_act": cfg.desc_act, "threads": threads}))
+                                    "method": method, "calibration": calibration, "bits": cfg.bits,
+                                    "group_size": cfg.group_size, "desc_act": desc_act, "threads": threads}))
         # GPTQModel's thread pool needs >= 2 CPU workers (its model loader alone asks for 2); torch keeps `threads`
         env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(max(threads, 2)), "OMP_NUM_THREADS": str(threads),
                "HF_HOME": os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))}
@@ -131,15 +152,15 @@ def quantize_gptq(merged_dir, out_dir, calibration: list[dict], cfg, threads: in
                                 capture_output=True, text=True)
         seconds = time.time() - started
     if result.returncode != 0:
-        raise SystemExit(f"quantize: GPTQ (gptqmodel) failed with exit code {result.returncode}:\n"
-                         f"{result.stderr[-4000:]}\nIs gptqmodel==7.6.0 installed (make install)? Or drop `gptq` "
+        raise SystemExit(f"quantize: {method.upper()} (gptqmodel) failed with exit code {result.returncode}:\n"
+                         f"{result.stderr[-4000:]}\nIs gptqmodel==7.6.0 installed (make install)? Or drop `{method}` "
                          "from quantize.formats")
     joined = fuse_split_layers(merged_dir, out_dir)
     if joined:
-        log.info("gptq: joined %d layers GPTQModel split (gate_proj + up_proj) back into gate_up_proj", len(joined))
+        log.info("%s: joined %d layers GPTQModel split (gate_proj + up_proj) back into gate_up_proj", method, len(joined))
     (out_dir / CALIBRATION).write_text("".join(json.dumps(row) + "\n" for row in calibration))
-    log.info("gptq: %d-bit, group %d, desc_act %s, %d calibration rows, %.1f s", cfg.bits, cfg.group_size,
-             cfg.desc_act, len(calibration), seconds)
+    log.info("%s: %d-bit, group %d, desc_act %s, %d calibration rows, %.1f s", method, cfg.bits, cfg.group_size,
+             desc_act, len(calibration), seconds)
     return seconds
 
 
@@ -149,13 +170,20 @@ def _worker(spec_path: str) -> None:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+    from gptqmodel.quantization.config import FORMAT, METHOD
 
-    config = QuantizeConfig(bits=spec["bits"], group_size=spec["group_size"], desc_act=spec["desc_act"],
-                            pack_impl="original", offload_to_disk=False)
+    if spec["method"] == "awq":  # the torch packer: the default CUDA one refuses a CPU, and needs a kernel build
+        config = QuantizeConfig(quant_method=METHOD.AWQ, format=FORMAT.GEMM, bits=spec["bits"],
+                                group_size=spec["group_size"], pack_impl="original", offload_to_disk=False)
+        backend = BACKEND.AWQ_TORCH
+    else:
+        config = QuantizeConfig(bits=spec["bits"], group_size=spec["group_size"], desc_act=spec["desc_act"],
+                                pack_impl="original", offload_to_disk=False)
+        backend = BACKEND.AUTO
     model = GPTQModel.load(spec["merged"], config, device="cpu" if not torch.cuda.is_available() else "cuda:0")
     model.quantize([{"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"])}
-                    for row in spec["calibration"]], batch_size=1)
+                    for row in spec["calibration"]], batch_size=1, backend=backend)
     model.save(spec["out"])
     Path(spec["out"], "quant_log.csv").unlink(missing_ok=True)  # timings of this run: not part of the model
 

@@ -3,14 +3,14 @@
 `quantize.formats`:
 - gguf_f16 / gguf_q8_0 / gguf_q4_0 / gguf_q4_k_m: llama.cpp's convert_hf_to_gguf.py writes an
   f16 GGUF, llama.cpp's quantizer makes the rest; llama-cpp-python loads each one.
-- gptq: GPTQModel, calibrated on a seeded sample of the training split (saved beside the model);
-  plain `transformers` loads it.
+- gptq / awq: GPTQModel (gptq.py), calibrated on a seeded sample of the training split (saved beside the
+  model); plain `transformers` loads it (AWQ: GPTQModel's torch kernel on the CPU, its CUDA ones on a GPU).
 - bnb_int8: bitsandbytes LLM.int8() weights, saved; plain `transformers` (+ bitsandbytes) loads them.
 
 Every artifact is scored on the test split by the same `scoring.evaluate_model` as the evaluate stage
 (task metrics, perplexity), plus top-1 agreement with the merged model (every position of the
 test sequences), size and its ratio to the merged model, load time and greedy tokens/s on this
-machine. The merged, GPTQ and bitsandbytes models run where the top-level `device` / `dtype` params put
+machine. The merged, GPTQ, AWQ and bitsandbytes models run where the top-level `device` / `dtype` params put
 them (device.py); llama.cpp runs on the CPU. `metrics/quantize.json` has all of it, the change against
 the merged model and the stage's peak host / GPU memory; the stage fails past `quantize.checks`. A
 prompt-tuned model has nothing to quantize: it is skipped, and the metrics say why.
@@ -27,7 +27,8 @@ import device
 import gptq
 import llamacpp
 import scoring
-from common import ROOT, atomic_dir, offline_by_default, read_jsonl, require_complete, setup, write_json, write_text
+from common import (ROOT, atomic_dir, offline_by_default, quiet_gptqmodel, read_jsonl, require_complete, setup,
+                    write_json, write_text)
 from schema.evaluate import Evaluate
 from schema.quantize import Quantize
 
@@ -99,15 +100,16 @@ def load_timed(loader):
 def quantize(merged_dir, formats: list[str], out_dir, rows: list[dict], train_rows: list[dict], cfg, eval_cfg,
              threads: int, placement: device.Placement = device.Placement("cpu", "float32")) -> dict:
     """Pure core: write each requested artifact into out_dir, load it with its client, score it. The merged,
-    GPTQ and bitsandbytes models run on `placement`; llama.cpp on the CPU.
+    GPTQ, AWQ and bitsandbytes models run on `placement`; llama.cpp on the CPU.
 
     Returns {"merged": metrics, "<format>": metrics, ...}; each format's metrics include the change
     against the merged model (`delta.*`, `perplexity_drop_percent`) and `size_ratio`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
-    if "gptq" in formats:  # before minutes of other formats: a group_size the layer widths refuse fails now
-        gptq.check_group_size(merged_dir, cfg.gptq.group_size)
+    gptqmodel_formats = [method for method in gptq.METHODS if method in formats]
+    for method in gptqmodel_formats:  # before minutes of other formats: a group_size the layer widths refuse fails now
+        gptq.check_group_size(merged_dir, getattr(cfg, method).group_size, method)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     merged, load_seconds = load_timed(
         lambda: AutoModelForCausalLM.from_pretrained(merged_dir, **placement.load_kwargs()).eval())
@@ -155,13 +157,18 @@ def quantize(merged_dir, formats: list[str], out_dir, rows: list[dict], train_ro
         model, seconds = load_timed(lambda: AutoModelForCausalLM.from_pretrained(out_dir / "bnb_int8", **where).eval())
         finish("bnb_int8", out_dir / "bnb_int8", model, seconds)
         del model
-    if "gptq" in formats:
-        calibration = gptq.calibration_rows(train_rows, cfg.gptq.calibration_rows, cfg.gptq.calibration_seed)
-        gptq.quantize_gptq(merged_dir, out_dir / "gptq", calibration, cfg.gptq, threads)
-        # last: loading a GPTQ model imports gptqmodel (through optimum), which patches transformers
-        model, seconds = load_timed(lambda: AutoModelForCausalLM.from_pretrained(out_dir / "gptq",
+    # last: loading a GPTQ or AWQ model imports gptqmodel (GPTQ through optimum), which patches transformers
+    if gptqmodel_formats:
+        quiet_gptqmodel()
+    for method in gptqmodel_formats:
+        settings = getattr(cfg, method)
+        calibration = gptq.calibration_rows(train_rows, settings.calibration_rows, settings.calibration_seed)
+        gptq.quantize_gptq(merged_dir, out_dir / method, calibration, settings, threads, method)
+        # AWQ on a GPU: transformers loads bfloat16 as float16, the dtype its CUDA kernels take
+        model, seconds = load_timed(lambda: AutoModelForCausalLM.from_pretrained(out_dir / method,
                                                                                  **placement.load_kwargs()).eval())
-        finish("gptq", out_dir / "gptq", model, seconds)
+        finish(method, out_dir / method, model, seconds)
+        del model
     return report
 
 
@@ -187,8 +194,8 @@ def flatten(report: dict) -> dict:
 def skip_reason(merged_dir) -> str | None:
     method = json.loads((Path(merged_dir) / "train_method.json").read_text())["method"]
     if method == "prompt_tuning":
-        return ("prompt_tuning: the model is the base plus a soft prompt that GGUF and GPTQ cannot carry, so nothing "
-                "is quantized; deploy models/merged with its prompt_adapter/")
+        return ("prompt_tuning: the model is the base plus a soft prompt that GGUF, GPTQ and AWQ cannot carry, so "
+                "nothing is quantized; deploy models/merged with its prompt_adapter/")
     return None
 
 

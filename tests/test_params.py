@@ -81,6 +81,7 @@ def test_cross_field_rules(tmp_path):
         raw["quantize"]["formats"] = ["gguf_q8_0", "bnb_int8"]
         del raw["quantize"]["checks"]["bnb_int8"]
         raw["dedup_filter"].update(min_chars=50, max_chars=20)
+        raw["train"].update(num_processes=2, distributed="fsdp2", optimizer="paged_adamw_8bit")
 
     with pytest.raises(ParamsError) as caught:
         load_params(write(tmp_path, edit))
@@ -89,6 +90,7 @@ def test_cross_field_rules(tmp_path):
     assert "ingest.sources.0: give exactly one of `path`" in message
     assert "formats ['bnb_int8'] have no quality check" in message
     assert "dedup_filter.max_chars: must not be below min_chars (50), got 20" in message
+    assert "train: optimizer paged_adamw_8bit (bitsandbytes 8-bit state) does not work with distributed: fsdp2" in message
 
 
 def test_a_stage_validates_only_its_own_sections(tmp_path):

@@ -8,8 +8,8 @@ import torch
 
 from check_params import load_params
 from common import ROOT, read_jsonl
-from schema.core import section
-from schema.quantize import QualityCheck
+from schema.core import ParamsError, read_yaml, section, validate
+from schema.quantize import QualityCheck, Quantize
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("gptqmodel")
@@ -55,18 +55,19 @@ def quantized(tiny_base, rows, tmp_path_factory):
         pytest.skip(str(error))
     params = load_params()
     cfg = params.quantize.model_copy(update={"gptq": section("quantize.gptq", group_size=64, desc_act=True, calibration_rows=16),
+                                             "awq": section("quantize.awq", group_size=64, calibration_rows=16),
                                              "speed_new_tokens": 8})
     out = tmp_path_factory.mktemp("quantized")
-    report = quantize.quantize(tiny_base, ["gguf_q8_0", "gguf_q4_k_m", "gptq", "bnb_int8"], out, rows[:12], rows[12:], cfg,
-                               params.evaluate, threads=1)
+    report = quantize.quantize(tiny_base, ["gguf_q8_0", "gguf_q4_k_m", "gptq", "awq", "bnb_int8"], out, rows[:12], rows[12:],
+                               cfg, params.evaluate, threads=1)
     return report, out, rows
 
 
 def test_every_artifact_is_measured_against_the_merged_model(quantized):
     report, out, _ = quantized
-    assert set(report) == {"merged", "gguf_q8_0", "gguf_q4_k_m", "gptq", "bnb_int8"}
-    assert {path.name for path in out.iterdir()} == {"model-q8_0.gguf", "model-q4_k_m.gguf", "gptq", "bnb_int8"}  # no f16
-    for name in ("gguf_q8_0", "gguf_q4_k_m", "gptq", "bnb_int8"):
+    assert set(report) == {"merged", "gguf_q8_0", "gguf_q4_k_m", "gptq", "awq", "bnb_int8"}
+    assert {path.name for path in out.iterdir()} == {"model-q8_0.gguf", "model-q4_k_m.gguf", "gptq", "awq", "bnb_int8"}  # no f16
+    for name in ("gguf_q8_0", "gguf_q4_k_m", "gptq", "awq", "bnb_int8"):
         metrics = report[name]
         # bnb_int8 keeps embeddings and lm_head in fp32: half this tiny model, a small part of a real one
         assert 0 < metrics["size_ratio"] < (0.8 if name == "bnb_int8" else 0.5) and metrics["size_bytes"] > 0, name
@@ -121,14 +122,17 @@ print(json.dumps({"layer": type(layer).__name__, "argmax": logits.argmax(-1).tol
 """
 
 
-def test_gptq_reloads_in_plain_transformers(quantized, tmp_path):
+@pytest.mark.parametrize("method, settings", [("gptq", ("gptq", 4, 64, True)), ("awq", ("awq", 4, 64, False))])
+def test_gptqmodel_formats_reload_in_plain_transformers(quantized, tmp_path, method, settings):
     report, out, rows = quantized
-    config = json.loads((out / "gptq" / "config.json").read_text())["quantization_config"]
-    assert (config["quant_method"], config["bits"], config["group_size"], config["desc_act"]) == ("gptq", 4, 64, True)
-    calibration = read_jsonl(out / "gptq" / gptq.CALIBRATION)
+    config = json.loads((out / method / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["bits"], config["group_size"], config["desc_act"]) == settings
+    if method == "awq":  # the GEMM checkpoint layout that transformers' and vLLM's AWQ loaders read
+        assert config["format"] == "gemm"
+    calibration = read_jsonl(out / method / gptq.CALIBRATION)
     assert calibration == gptq.calibration_rows(rows[12:], 16, 0) and len(calibration) == 16
     assert not (ROOT / "logs").exists()  # gptqmodel's ./logs/ went to the worker's scratch folder
-    result = subprocess.run([sys.executable, "-I", "-c", PLAIN, str(out / "gptq"), json.dumps(rows[0]["input_ids"])],
+    result = subprocess.run([sys.executable, "-I", "-c", PLAIN, str(out / method), json.dumps(rows[0]["input_ids"])],
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     plain = json.loads(result.stdout.strip().splitlines()[-1])
@@ -161,6 +165,46 @@ def test_a_gptq_group_size_the_layer_widths_refuse_fails_before_any_artifact(tin
     gptq.check_group_size(tiny_base, -1)
 
 
+def test_an_awq_group_size_its_kernels_refuse_fails_before_any_artifact(tiny_base, rows, tmp_path):
+    """AWQ's kernels take groups up to 128 (GPTQ's up to 1024): 256 is refused under awq's own key."""
+    params = load_params()
+    cfg = params.quantize.model_copy(update={"awq": section("quantize.awq", group_size=256)})
+    with pytest.raises(SystemExit) as refused:
+        quantize.quantize(tiny_base, ["gguf_q8_0", "awq"], tmp_path, rows[:2], rows[2:], cfg, params.evaluate, threads=1)
+    message = str(refused.value)
+    assert "quantize.awq.group_size=256" in message and "Valid here: [-1, 16, 32, 64, 128]" in message
+    assert list(tmp_path.iterdir()) == []
+    gptq.check_group_size(tiny_base, 128, "awq")
+
+
+def test_awq_refuses_output_widths_its_clip_search_cannot_batch(tmp_path):
+    """GPTQModel's AWQ takes output channels 64 at a time (an AssertionError deep inside, otherwise): refused first."""
+    from safetensors.torch import save_file
+
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64),
+               "model.layers.0.self_attn.v_proj.weight": torch.zeros(32, 64)}, tmp_path / "model.safetensors")
+    with pytest.raises(SystemExit, match=r"multiple of 64 .*this model has v_proj \(32\)"):
+        gptq.check_group_size(tmp_path, 64, "awq")
+    gptq.check_group_size(tmp_path, 64, "gptq")  # GPTQ has no such limit
+
+
+def test_awq_params_are_validated_with_their_key_paths():
+    raw = read_yaml(ROOT / "params.yaml")["quantize"]
+    assert "awq" not in raw["formats"]  # the default CPU pipeline does not make it
+    broken = {**raw, "awq": {**raw["awq"], "bits": 8, "group_size": -2, "desc_act": False}}
+    with pytest.raises(ParamsError) as caught:
+        validate({"quantize": broken}, {"quantize": Quantize})
+    message = str(caught.value)
+    assert "quantize.awq.bits:" in message and "quantize.awq.group_size:" in message
+    assert "quantize.awq.desc_act: unknown key" in message
+    unchecked = {**raw, "formats": ["awq"], "checks": {key: value for key, value in raw["checks"].items() if key != "awq"}}
+    with pytest.raises(ParamsError, match=r"formats \['awq'\] have no quality check"):
+        validate({"quantize": unchecked}, {"quantize": Quantize})
+    missing = {**raw, "awq": {key: value for key, value in raw["awq"].items() if key != "calibration_rows"}}
+    with pytest.raises(ParamsError, match="quantize.awq.calibration_rows"):  # no defaults in the schema
+        validate({"quantize": missing}, {"quantize": Quantize})
+
+
 def test_prompt_tuning_is_skipped(tmp_path):
     (tmp_path / "train_method.json").write_text(json.dumps({"method": "prompt_tuning"}))
     assert "soft prompt" in quantize.skip_reason(tmp_path)
@@ -178,3 +222,18 @@ def test_gptq_quantizes_and_serves_on_a_gpu(tiny_base, rows, tmp_path):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([rows[0]["input_ids"]], device="cuda:0")).logits
     assert logits.is_cuda and torch.isfinite(logits).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_awq_quantizes_and_serves_on_a_gpu(tiny_base, rows, tmp_path):
+    """The stage's own path on the GPU: quantized there, reloaded by transformers in float16, scored."""
+    import device
+
+    params = load_params()
+    cfg = params.quantize.model_copy(update={"awq": section("quantize.awq", group_size=64, calibration_rows=16),
+                                             "speed_new_tokens": 8})
+    report = quantize.quantize(tiny_base, ["awq"], tmp_path, rows[:12], rows[12:], cfg, params.evaluate, threads=1,
+                               placement=device.resolve("cuda", "auto"))
+    assert json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    assert 0.5 < report["awq"]["top1_agreement"] <= 1 and report["awq"]["tokens_per_second"] > 0

@@ -7,13 +7,20 @@ from pydantic import Field, field_validator, model_validator
 
 from schema.core import Float, Strict
 
-QuantFormat = Literal["gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k_m", "gptq", "bnb_int8"]
+QuantFormat = Literal["gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k_m", "gptq", "awq", "bnb_int8"]
 
 
 class Gptq(Strict):
     bits: Literal[2, 3, 4, 8]
     group_size: int = Field(ge=-1)  # -1: one group per row
     desc_act: bool
+    calibration_rows: int = Field(gt=0)  # sampled from the training split, saved beside the model
+    calibration_seed: int
+
+
+class Awq(Strict):
+    bits: Literal[4]  # the AWQ GEMM checkpoint transformers and vLLM load is 4-bit only
+    group_size: int = Field(ge=-1)  # -1: one group per row
     calibration_rows: int = Field(gt=0)  # sampled from the training split, saved beside the model
     calibration_seed: int
 
@@ -27,6 +34,7 @@ class QualityCheck(Strict):
 class Quantize(Strict):
     formats: list[QuantFormat] = Field(min_length=1)
     gptq: Gptq
+    awq: Awq
     speed_new_tokens: int = Field(gt=0)  # tokens/s: greedy decode of this many tokens from a few test prompts
     checks: dict[QuantFormat, QualityCheck]
 

@@ -55,7 +55,8 @@ class Train(Strict):
     eval_steps: int = Field(ge=0)  # 0: eval loss only at the end
     checkpoint_steps: int = Field(ge=0)  # 0: no checkpoints (an interrupted run starts over)
     keep_checkpoints: int = Field(gt=0)
-    num_processes: int = Field(gt=0)  # > 1: data parallel through `accelerate launch` (DDP)
+    num_processes: int = Field(gt=0)  # > 1: several processes through `accelerate launch`, with `distributed`
+    distributed: Literal["ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"]  # configs/accelerate/<name>.yaml
     threads: Optional[int] = Field(gt=0)  # torch threads per process; null: the top-level `threads`
     lora: Lora
     qlora: QLora
@@ -67,6 +68,11 @@ class Train(Strict):
             raise ValueError("bf16 and fp16 are both true; choose at most one mixed precision")
         if self.packing and self.method == "prompt_tuning":
             raise ValueError("packing needs position ids, which peft prompt tuning ignores; set packing: false")
+        # bitsandbytes' 8-bit optimizer state is neither sharded nor gathered by FSDP (bitsandbytes issue #89;
+        # peft's FSDP guide: paged_adamw_8bit fails when saving a checkpoint)
+        if self.num_processes > 1 and self.distributed == "fsdp2" and self.optimizer != "adamw_torch":
+            raise ValueError(f"optimizer {self.optimizer} (bitsandbytes 8-bit state) does not work with distributed: "
+                             "fsdp2; use optimizer: adamw_torch (FSDP shards its state), or distributed: ddp")
         return self
 
 
