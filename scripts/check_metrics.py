@@ -4,11 +4,11 @@
     python scripts/check_metrics.py expected/ actual/    # two folders
     python scripts/check_metrics.py metrics --rev HEAD --tolerance   # a path that is not bit-stable (GPU, ARM)
 
-Every *.json (nested keys flattened to dotted paths, list items by index) and *.csv (row index and
-column) file is compared. Numbers agree when |actual - expected| <= atol + rtol * |expected|
+Every *.json (nested keys flattened to dotted paths, list items by index), *.csv and *.tsv (DVCLive's
+curves; row index and column) file is compared. Numbers agree when |actual - expected| <= atol + rtol * |expected|
 (numpy.isclose's rule); strings, booleans and nulls must be equal. Measurements of the machine
-rather than of the model (keys with `seconds`, `per_second`, `memory` or `mfu` in them) vary run to
-run and are skipped, as are the human-readable example predictions (metrics/examples.json): a
+rather than of the model (keys with `seconds`, `per_second`, `memory` or `mfu` in them, DVCLive's
+`timestamp` column) vary run to run and are skipped, as are the human-readable example predictions (metrics/examples.json): a
 prediction that flips on another CPU already shows in the task metrics. Exit 0 when everything agrees; 1 with one line per difference otherwise.
 
 The default is exact: with torch's CPU float paths pinned (stages/common.py CPU_PINS) and llama.cpp
@@ -29,7 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SKIP = ["*seconds*", "*per_second*", "*memory*", "*mfu*", "*framework*", "examples.json:*"]  # framework: measured RSS
+SUFFIXES = (".json", ".csv", ".tsv")  # .tsv: DVCLive's training curves
+SKIP = ["*seconds*", "*per_second*", "*memory*", "*mfu*", "*framework*", "examples.json:*", "*.tsv:*timestamp"]  # framework: measured RSS
 
 
 def flatten(value, prefix: str = "") -> dict[str, object]:
@@ -50,7 +51,7 @@ def flatten(value, prefix: str = "") -> dict[str, object]:
 def parse(name: str, text: str) -> dict[str, object]:
     if name.endswith(".json"):
         return flatten(json.loads(text))
-    rows = list(csv.DictReader(io.StringIO(text)))
+    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t" if name.endswith(".tsv") else ","))
     return {f"[{index}].{column}": _number(cell) for index, row in enumerate(rows) for column, cell in row.items()}
 
 
@@ -63,7 +64,7 @@ def _number(cell: str):
 
 def read_folder(folder: Path) -> dict[str, str]:
     return {path.relative_to(folder).as_posix(): path.read_text(encoding="utf-8")
-            for path in sorted(folder.rglob("*")) if path.suffix in (".json", ".csv") and path.is_file()}
+            for path in sorted(folder.rglob("*")) if path.suffix in SUFFIXES and path.is_file()}
 
 
 def read_revision(folder: str, rev: str, cwd: Path | None = None) -> dict[str, str]:
@@ -75,7 +76,7 @@ def read_revision(folder: str, rev: str, cwd: Path | None = None) -> dict[str, s
     prefix = folder.rstrip("/") + "/"
     files = {}
     for path in listed.stdout.split():
-        if path.endswith((".json", ".csv")):
+        if path.endswith(SUFFIXES):
             shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=cwd, capture_output=True, text=True, check=True)
             files[path.removeprefix(prefix)] = shown.stdout
     return files

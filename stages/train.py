@@ -9,7 +9,8 @@ the model, guards the run and writes the outputs:
   fingerprint of everything that shapes the run, so a rerun resumes exactly, and a changed
   param starts fresh;
 - a non-finite loss or gradient norm stops the run at once, naming the step;
-- per-step curves in `metrics/train_plots/` (DVC plots), final numbers in `metrics/train.json`;
+- per-step curves through DVCLive in `metrics/train_live/` (`plots/metrics/*.tsv`: DVC plots; `metrics.json`:
+  the latest step and loss, which `dvc exp show` shows during a run), final numbers in `metrics/train.json`;
 - before any weight is loaded, a memory plan (memory_plan.py) logged as a table and written to the
   metrics; a run the device cannot hold is refused at once, naming the knobs that would fit.
 
@@ -45,7 +46,7 @@ DATA = ROOT / "data" / "formatted"
 OUT = ROOT / "models" / "adapter"
 CHECKPOINTS = ROOT / "models" / "checkpoints"
 METRICS = ROOT / "metrics" / "train.json"
-PLOTS = ROOT / "metrics" / "train_plots"
+LIVE = ROOT / "metrics" / "train_live" / "metrics.json"  # DVCLive's summary; its curves go to plots/metrics/ beside it
 # train params that change what is logged or kept, never the weights: a checkpoint stays valid across them
 NOT_IN_FINGERPRINT = {"logging_steps", "eval_steps", "checkpoint_steps", "keep_checkpoints", "threads"}
 SECTION_OF = {"lora": {"lora"}, "qlora": {"lora", "qlora"}, "prompt_tuning": {"prompt_tuning"}, "full": set()}
@@ -83,6 +84,17 @@ def check_platform(cfg, base_dir: Path, placement: device.Placement | None = Non
                             f"of 64, the base has {odd}; use a CUDA GPU or method: lora")
     if cfg.num_processes > 1 and cuda and torch.cuda.device_count() < cfg.num_processes:
         problems.append(f"train.num_processes={cfg.num_processes} but only {torch.cuda.device_count()} GPU(s) are visible")
+    if cfg.num_processes > 1 and cfg.distributed != "ddp" and not cuda:
+        # accelerate (1.15) turns FSDP on only for accelerator processes: on the CPU the fsdp2 config silently runs
+        # DDP (torch's fully_shard itself works over gloo); DeepSpeed needs an accelerator too
+        problems.append(f"train.distributed={cfg.distributed}: accelerate shards models only on GPUs and this run is "
+                        "on the CPU; use distributed: ddp on the CPU")
+    if cfg.num_processes > 1 and cfg.distributed.startswith("deepspeed"):
+        try:
+            import deepspeed  # noqa: F401
+        except Exception as exc:
+            problems.append(f"train.distributed={cfg.distributed} needs DeepSpeed (pip install deepspeed), which does "
+                            f"not import here: {exc}; or use distributed: fsdp2 (built into torch)")
     if problems:
         raise SystemExit("train: cannot run these params on this machine:\n  - " + "\n  - ".join(problems))
 
@@ -105,9 +117,13 @@ def build_model(base_dir: Path, cfg, local_rank: int, placement: device.Placemen
     else:
         from transformers import BitsAndBytesConfig
 
+        # sharded across processes (FSDP2, ZeRO-3), the packed 4-bit weights are stored in the model's float dtype:
+        # the default uint8 cannot be sharded (peft's FSDP and DeepSpeed guides: quant storage = the load dtype)
+        sharded = cfg.num_processes > 1 and cfg.distributed in ("fsdp2", "deepspeed_zero3")
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.qlora.quant_type,
                                           bnb_4bit_use_double_quant=cfg.qlora.double_quant,
-                                          bnb_4bit_compute_dtype=getattr(torch, cfg.qlora.compute_dtype))
+                                          bnb_4bit_compute_dtype=getattr(torch, cfg.qlora.compute_dtype),
+                                          **({"bnb_4bit_quant_storage": placement.torch_dtype} if sharded else {}))
         device_map = {"": local_rank} if placement.device == "cuda" else "cpu"
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=placement.torch_dtype,
                                                      quantization_config=quantization, device_map=device_map)
@@ -248,10 +264,10 @@ def plan_memory(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, se
 
 
 def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int, checkpoint_dir, fingerprint: dict,
-        plots_dir, resume_from=None, callbacks=(), placement: device.Placement | None = None) -> tuple:
+        live_dir, resume_from=None, callbacks=(), placement: device.Placement | None = None) -> tuple:
     """Pure core: train on explicit rows on `placement` (default: `device.resolve()`, the GPU when there
     is one); returns (trainer, tokenizer, metrics). Nothing is written except checkpoints into
-    `checkpoint_dir` and the curves."""
+    `checkpoint_dir` and the curves (DVCLive, into `live_dir`)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -270,7 +286,7 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
     probe(model, cfg.method)
     seed_everything(seed, torch.get_num_threads())
     trainer = make_trainer(model, tokenizer, train_rows, eval_rows, cfg, seed, checkpoint_dir, fingerprint,
-                           Path(plots_dir), callbacks)
+                           Path(live_dir), callbacks)
     train_started = time.time()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.time() - train_started
@@ -336,8 +352,9 @@ def sort_target_modules(config_path: Path) -> None:
 
 
 def launch_processes(cfg, threads: int) -> int:
-    """`train.num_processes > 1`: the same stage under `accelerate launch` (torchrun underneath: DDP,
-    NCCL on GPUs, gloo on CPU); every process runs main() and process 0 writes the outputs."""
+    """`train.num_processes > 1`: the same stage under `accelerate launch` with the engine of
+    `configs/accelerate/<train.distributed>.yaml` (torchrun underneath: NCCL on GPUs, gloo on CPU); every
+    process runs main() and process 0 writes the outputs."""
     import socket
     import subprocess
 
@@ -345,7 +362,8 @@ def launch_processes(cfg, threads: int) -> int:
         probe_socket.bind(("127.0.0.1", 0))
         port = probe_socket.getsockname()[1]
     precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+    config = ROOT / "configs" / "accelerate"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config / f"{cfg.distributed}.yaml"),
                "--num_processes", str(cfg.num_processes), "--mixed_precision", precision, "--dynamo_backend", "no",
                "--main_process_port", str(port), str(Path(__file__).resolve()), *sys.argv[1:]]
     log.info("launching %d processes: %s", cfg.num_processes, " ".join(command))
@@ -354,6 +372,7 @@ def launch_processes(cfg, threads: int) -> int:
 
 def main() -> None:
     params = setup("train", {"train": Train})
+    device.limit_heap_retention()  # freed activations go back to the OS, not into glibc's heap (memory_plan)
     offline_by_default()
     cfg = params.train
     threads = cfg.threads or params.threads
@@ -361,7 +380,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from trainer import NonFiniteError, complete_checkpoints, peak_rss_mb, write_plots
+    from trainer import NonFiniteError, complete_checkpoints, peak_rss_mb
 
     base_dir = require_complete(BASE)
     placement = device.resolve(params.device, params.dtype)
@@ -376,7 +395,7 @@ def main() -> None:
     train_rows, eval_rows = read_jsonl(DATA / "train.jsonl"), read_jsonl(DATA / "eval.jsonl")
     try:
         trainer, tokenizer, metrics = fit(base_dir, train_rows, eval_rows, cfg, params.seed, CHECKPOINTS, fingerprint,
-                                          PLOTS, resume, placement=placement)
+                                          LIVE.parent, resume, placement=placement)
     except NonFiniteError as exc:
         kept = complete_checkpoints(CHECKPOINTS)
         raise SystemExit(f"{exc}; the last good checkpoint is {kept[-1] if kept else 'none'}. Lower train.learning_rate "
@@ -388,7 +407,6 @@ def main() -> None:
                   else None, "seed": params.seed, "train": fingerprint["train"]}
         save_trained(trainer, tokenizer, cfg, eval_rows or train_rows, tmp, recipe)
         write_json(tmp / "format.json", {"fingerprint": json.loads((DATA / "format.json").read_text())["fingerprint"]})
-    write_plots(trainer.state.log_history, PLOTS)
     metrics["peak_memory_mb"] = peak_rss_mb()  # the whole stage's, saving included (as the plan counts it)
     write_json(METRICS, metrics)
     log.info("train done: %d steps, train_loss %.4f, eval_loss %s, %s tokens/s, peak %d MiB (metrics/train.json)",

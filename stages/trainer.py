@@ -1,7 +1,7 @@
 """The training step and the Hugging Face `Trainer` around it, at module level so a reader (and a
 test) finds them: `step_loss` is the loss of one batch, `FinetuneTrainer` scales it over the
-accumulated step, `Observer` writes curves and completes checkpoints. Imported by train.py after
-its params are checked (this module imports torch and transformers).
+accumulated step, `Observer` logs the curves (DVCLive) and completes checkpoints. Imported by
+train.py after its params are checked (this module imports torch and transformers).
 
 Batches: examples of similar length (or packed rows whose examples attend only to themselves),
 right padding without an attention mask (causal attention never looks right, so real tokens cannot
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
-from common import write_json, write_text
+from common import write_json
 
 log = logging.getLogger("finetune.train")
 
@@ -187,16 +187,18 @@ class FinetuneTrainer(Trainer):
 
 # --------------------------------------------------------------------------- curves and checkpoints
 class Observer(TrainerCallback):
-    """Curves, one log line per logging step, a final log at the last step, completeness markers."""
+    """Curves (DVCLive, on process zero), one log line per logging step, a final log at the last step,
+    completeness markers."""
 
-    def __init__(self, plots_dir: Path, fingerprint: dict, keep_checkpoints: int):
-        self.plots_dir, self.fingerprint, self.keep_checkpoints = Path(plots_dir), fingerprint, keep_checkpoints
+    def __init__(self, live_dir: Path, fingerprint: dict, keep_checkpoints: int):
+        self.live_dir, self.fingerprint, self.keep_checkpoints = Path(live_dir), fingerprint, keep_checkpoints
+        self.live = None  # process zero's DVCLive logger, opened when training begins
         self.last = (time.time(), 0)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = (time.time(), state.num_input_tokens_seen)
         if state.is_world_process_zero:
-            write_plots(state.log_history, self.plots_dir)
+            self.live = open_curves(self.live_dir, state.log_history, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -217,8 +219,8 @@ class Observer(TrainerCallback):
                      entry["tokens_per_second"], peak_rss_mb())
         if "eval_loss" in entry:
             log.info("step %d  eval_loss %.4f", state.global_step, entry["eval_loss"])
-        if "loss" in entry or "eval_loss" in entry:
-            append_plots(entry, self.plots_dir)
+        if self.live is not None:  # None when a caller logs (trainer.evaluate) without having trained
+            log_curves(self.live, entry)
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -242,23 +244,32 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda path: int(path.name.split("-")[1]))
 
 
-def append_plots(entry: dict, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for key in PLOT_KEYS:
-        if entry.get(key) is not None:
-            path = folder / f"{key}.csv"
-            header = "" if path.exists() and path.stat().st_size else f"step,{key}\n"
-            with open(path, "a", encoding="utf-8") as handle:  # live, for a look during the run
-                handle.write(f"{header}{entry['step']},{entry[key]}\n")
+def open_curves(folder: Path, history: list[dict], step: int):
+    """A fresh DVCLive folder holding the curves of `history`, the Trainer's log history (restored with a
+    checkpoint on resume): a resumed run ends with the same curves as an uninterrupted one, no duplicates.
+    DVCLive writes `plots/metrics/<key>.tsv` (step, value) and `metrics.json` (the latest numbers and
+    step: what `dvc exp show` shows while the run goes). dvc.yaml declares both, so DVCLive writes no
+    dvc.yaml of its own, saves no experiment and makes no report. `Live.end` is not needed: beyond what
+    `make_summary` writes it would only `git add` untracked files of the folder inside `dvc exp run`."""
+    from dvclive import Live
+
+    live = Live(str(folder), resume=False, report=None, save_dvc_exp=False, dvcyaml=None)  # resume=False empties it
+    for entry in history:
+        log_curves(live, entry)
+    live.step = step
+    live.make_summary()
+    return live
 
 
-def write_plots(history: list[dict], folder: Path) -> None:
-    """The curves rebuilt from the Trainer's log history (restored with a checkpoint), so a resumed
-    run ends with the same curves as an uninterrupted one."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for key in PLOT_KEYS:
-        rows = [f"{entry['step']},{entry[key]}\n" for entry in history if entry.get(key) is not None]
-        write_text(folder / f"{key}.csv", f"step,{key}\n" + "".join(rows))
+def log_curves(live, entry: dict) -> None:
+    """One Trainer log entry at the Trainer's step: a row on each curve it has, then metrics.json.
+    Not `Live.next_step`: it counts steps of its own, one per call."""
+    curves = {key: entry[key] for key in PLOT_KEYS if entry.get(key) is not None}
+    if curves:
+        live.step = entry["step"]
+        for key, value in curves.items():
+            live.log_metric(key, value)
+        live.make_summary()
 
 
 def planned_workload(train_rows: list[dict], eval_rows: list[dict], cfg, seed: int):
@@ -307,7 +318,7 @@ def peak_rss_mb() -> int:
 
 # --------------------------------------------------------------------------- assembly
 def make_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int, checkpoint_dir: Path,
-                 fingerprint: dict, plots_dir: Path, callbacks=()) -> FinetuneTrainer:
+                 fingerprint: dict, live_dir: Path, callbacks=()) -> FinetuneTrainer:
     """The Trainer for `cfg` (the `train` params) on explicit rows; checkpoints go to `checkpoint_dir`."""
     import inspect
 
@@ -336,7 +347,7 @@ def make_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict]
                               train_dataset=pack(train_rows, cfg.packing_length) if cfg.packing else train_rows,
                               eval_dataset=sorted(eval_rows, key=lambda row: len(row["input_ids"])) or None,
                               data_collator=lambda examples: collate(examples, pad_id),
-                              callbacks=[Observer(plots_dir, fingerprint, cfg.keep_checkpoints), *callbacks], step=step)
+                              callbacks=[Observer(live_dir, fingerprint, cfg.keep_checkpoints), *callbacks], step=step)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     return trainer

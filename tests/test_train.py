@@ -54,7 +54,7 @@ def quick(**overrides):
 
 def run_fit(tiny_base, data, tmp_path, cfg, callbacks=(), placement=None):
     torch.set_num_threads(1)
-    return train.fit(tiny_base, data[0], data[1], cfg, 42, tmp_path / "checkpoints", {"test": 1}, tmp_path / "plots",
+    return train.fit(tiny_base, data[0], data[1], cfg, 42, tmp_path / "checkpoints", {"test": 1}, tmp_path / "live",
                      callbacks=callbacks, placement=placement)
 
 
@@ -143,7 +143,7 @@ def test_scheduler_warmup_accumulation_and_the_other_knobs_reach_the_trainer(tin
     rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
     assert rates[0] < rates[2] and rates[3:] == [5e-3] * 3  # 3 warmup steps, then constant
     assert metrics["steps"] == 6 and metrics["padding_fraction"] < 0.2  # packed rows are nearly full
-    assert (tmp_path / "plots" / "learning_rate.csv").read_text().count("\n") == 7
+    assert (tmp_path / "live" / "plots" / "metrics" / "learning_rate.tsv").read_text().count("\n") == 7  # header + 6
 
 
 def test_refuses_what_the_machine_cannot_do(tmp_path):
@@ -233,8 +233,9 @@ def test_checkpoints_made_under_other_settings_or_half_written_are_not_resumed(t
 
 
 def mini_repo(path, tiny_base, data, **train_params):
-    """The real stage layout, small: stages/, params.yaml, models/base, data/formatted."""
+    """The real stage layout, small: stages/, configs/, params.yaml, models/base, data/formatted."""
     shutil.copytree(ROOT / "stages", path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "configs", path / "configs")
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
                    {"train": {"batch_size": 4, "logging_steps": 1, "learning_rate": 5e-3, **train_params}})
     (path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -285,8 +286,12 @@ def test_a_killed_run_resumes_to_the_same_adapter_and_metrics(tmp_path, tiny_bas
     weights = [load_file(repo / "models" / "adapter" / "adapter_model.safetensors") for repo in (whole, killed)]
     assert weights[0].keys() == weights[1].keys()
     assert max((weights[0][name] - weights[1][name]).abs().max().item() for name in weights[0]) < 1e-5
-    for curve in ("loss.csv", "eval_loss.csv", "learning_rate.csv"):
-        assert (whole / "metrics" / "train_plots" / curve).read_text() == (killed / "metrics" / "train_plots" / curve).read_text()
+    # the resumed run replayed the checkpoint's log history into a fresh DVCLive folder: no duplicate steps
+    curves = [repo / "metrics" / "train_live" / "plots" / "metrics" for repo in (whole, killed)]
+    for curve in ("loss.tsv", "eval_loss.tsv", "learning_rate.tsv", "grad_norm.tsv"):
+        assert (curves[0] / curve).read_text() == (curves[1] / curve).read_text(), curve
+    live = [json.loads((repo / "metrics" / "train_live" / "metrics.json").read_text()) for repo in (whole, killed)]
+    assert live[0]["step"] == live[1]["step"] == 40 and live[0]["loss"] == live[1]["loss"]
 
 
 def test_two_processes_train_with_ddp_through_accelerate(tmp_path, tiny_base, data):
