@@ -106,6 +106,7 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=re.escape(start), category=category)
     if not sys.stderr.isatty():  # logs and CI: no per-file bars (loading weights, downloads); long steps'
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # bars print at start, every 30 s, at the end
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_MININTERVAL", "30")
 
 
@@ -123,8 +124,20 @@ def quiet_gptqmodel() -> None:
 
 
 # --------------------------------------------------------------------------- runtime
+class _Format(logging.Formatter):
+    """`12:00:00 [train] message`: our loggers by stage name, others by theirs; the level only from WARNING up."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = record.name.removeprefix("finetune.")
+        level = f"{record.levelname} " if record.levelno >= logging.WARNING else ""
+        return f"{self.formatTime(record, '%H:%M:%S')} {level}[{name}] {record.getMessage()}" + (
+            f"\n{self.formatException(record.exc_info)}" if record.exc_info else "")
+
+
 def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def setup(stage: str, sections: dict[str, type], params_path: Path | str = PARAMS_FILE):
@@ -136,8 +149,35 @@ def setup(stage: str, sections: dict[str, type], params_path: Path | str = PARAM
     except ParamsError as exc:
         log.error("%s", exc)
         raise SystemExit(2) from None
-    log.info("stage %s, params: %s", stage, json.dumps(params.model_dump(), sort_keys=True, separators=(",", ":")))
+    shown = params.model_dump()
+    if not VERBOSE:
+        shown = declared_params(shown, stage)
+    logging.getLogger(f"finetune.{stage}").info("params: %s", json.dumps(shown, sort_keys=True, separators=(",", ":")))
     return tracked(params, stage)
+
+
+def declared_params(params: dict, stage: str, dvc_yaml: Path = ROOT / "dvc.yaml") -> dict:
+    """The part of `params` that dvc.yaml lists for `stage` (what reruns it), else all of it."""
+    import yaml
+
+    try:
+        keys = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"][stage]["params"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return params
+    shown: dict = {}
+    for key in keys:
+        if not isinstance(key, str):
+            return params
+        value, target, parts = params, shown, key.split(".")
+        for part in parts:
+            if not isinstance(value, dict) or part not in value:
+                break
+            value = value[part]
+        else:
+            for part in parts[:-1]:
+                target = target.setdefault(part, {})
+            target[parts[-1]] = value
+    return shown
 
 
 def seed_everything(seed: int, threads: int) -> None:

@@ -103,7 +103,7 @@ def hf_to_gguf(model_dir, out_path, outtype: str = "f16", script_dir=None, timeo
     cmd = [sys.executable, "-c", _DRIVER, str(d), str(model_dir), "--outfile", str(tmp), "--outtype", outtype,
            "--model-name", name]
     env = {**os.environ, "NO_LOCAL_GGUF": "1"}  # the driver puts the vendored gguf-py first itself
-    log.info("converting %s -> %s (%s)", model_dir, out, outtype)
+    log.info("converting %s -> %s (%s)", model_dir, out.name, outtype)
     try:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0 or not tmp.is_file():
@@ -113,7 +113,7 @@ def hf_to_gguf(model_dir, out_path, outtype: str = "f16", script_dir=None, timeo
         tmp.unlink(missing_ok=True)
     if "-> 'gpt-2'" in r.stderr:
         log.info("BPE pre-tokenizer hash unknown to llama.cpp; verified GPT-2 byte-level -> tokenizer.ggml.pre=gpt-2")
-    log.info("wrote %s (%.2f MB)", out, out.stat().st_size / 1e6)
+    log.info("wrote %s (%.2f MB)", out.name, out.stat().st_size / 1e6)
     return out
 
 
@@ -155,7 +155,7 @@ def quantize_gguf(src, dst, qtype: str, n_threads: int | None = None) -> Path:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("quantized %s -> %s (%s, %.2f MB)", src, dst, qtype, dst.stat().st_size / 1e6)
+    log.info("quantized %s -> %s (%s, %.2f MB)", Path(src).name, dst.name, qtype, dst.stat().st_size / 1e6)
     return dst
 
 

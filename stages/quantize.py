@@ -128,7 +128,12 @@ def quantize(merged_dir, formats: list[str], out_dir, rows: list[dict], train_ro
         metrics.update({f"delta.{key}": round(value - reference[key], 5) for key, value in list(metrics.items())
                         if key.startswith("task.") and key in reference})
         report[name] = metrics
-        log.info("%s: %s", name, json.dumps(metrics, sort_keys=True))
+        changed = ", ".join(f"{key[len('delta.task.'):]} {value:+g}" for key, value in sorted(metrics.items())
+                            if key.startswith("delta.task.") and value)
+        log.info("%s: perplexity %+.3f%%, top-1 agreement %.4f, size x%.3f, %s tokens/s; task metrics %s", name,
+                 metrics["perplexity_drop_percent"], metrics["top1_agreement"], metrics["size_ratio"],
+                 metrics.get("tokens_per_second"), f"changed: {changed}" if changed else "unchanged")
+        log.debug("%s: %s", name, json.dumps(metrics, sort_keys=True))
 
     ggufs = [name for name in formats if name.startswith("gguf_")]
     if ggufs:
