@@ -9,7 +9,7 @@ the model, guards the run and writes the outputs:
   fingerprint of everything that shapes the run, so a rerun resumes exactly, and a changed
   param starts fresh;
 - a non-finite loss or gradient norm stops the run at once, naming the step;
-- per-step curves through DVCLive in `metrics/train_live/` (`plots/metrics/*.tsv`: DVC plots; `metrics.json`:
+- per-step curves through DVCLive in `metrics/train_live/` (`plots/metrics/live/*.tsv`: DVC plots; `metrics.json`:
   the latest step and loss, which `dvc exp show` shows during a run), final numbers in `metrics/train.json`;
 - before any weight is loaded, a memory plan (memory_plan.py) logged as a table and written to the
   metrics; a run the device cannot hold is refused at once, naming the knobs that would fit.
@@ -46,7 +46,7 @@ DATA = ROOT / "data" / "formatted"
 OUT = ROOT / "models" / "adapter"
 CHECKPOINTS = ROOT / "models" / "checkpoints"
 METRICS = ROOT / "metrics" / "train.json"
-LIVE = ROOT / "metrics" / "train_live" / "metrics.json"  # DVCLive's summary; its curves go to plots/metrics/ beside it
+LIVE = ROOT / "metrics" / "train_live" / "metrics.json"  # DVCLive's summary; its curves go to plots/metrics/live/ beside it
 # train params that change what is logged or kept, never the weights: a checkpoint stays valid across them
 NOT_IN_FINGERPRINT = {"logging_steps", "eval_steps", "checkpoint_steps", "keep_checkpoints", "threads"}
 SECTION_OF = {"lora": {"lora"}, "qlora": {"lora", "qlora"}, "prompt_tuning": {"prompt_tuning"}, "full": set()}

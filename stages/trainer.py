@@ -29,6 +29,9 @@ log = logging.getLogger("finetune.train")
 
 IGNORE = -100
 PLOT_KEYS = ["loss", "learning_rate", "grad_norm", "tokens_per_second", "eval_loss"]
+# DVCLive logs them as live/<key>: `dvc exp show` would otherwise merge columns of the same name from
+# metrics/train.json (eval_loss, tokens_per_second) and hide both
+LIVE_GROUP = "live"
 
 
 class NonFiniteError(RuntimeError):
@@ -247,8 +250,8 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 def open_curves(folder: Path, history: list[dict], step: int):
     """A fresh DVCLive folder holding the curves of `history`, the Trainer's log history (restored with a
     checkpoint on resume): a resumed run ends with the same curves as an uninterrupted one, no duplicates.
-    DVCLive writes `plots/metrics/<key>.tsv` (step, value) and `metrics.json` (the latest numbers and
-    step: what `dvc exp show` shows while the run goes). dvc.yaml declares both, so DVCLive writes no
+    DVCLive writes `plots/metrics/live/<key>.tsv` (step, value) and `metrics.json` (the latest numbers,
+    under `live`, and the step: what `dvc exp show` shows while the run goes). dvc.yaml declares both, so DVCLive writes no
     dvc.yaml of its own, saves no experiment and makes no report. `Live.end` is not needed: beyond what
     `make_summary` writes it would only `git add` untracked files of the folder inside `dvc exp run`."""
     from dvclive import Live
@@ -268,7 +271,7 @@ def log_curves(live, entry: dict) -> None:
     if curves:
         live.step = entry["step"]
         for key, value in curves.items():
-            live.log_metric(key, value)
+            live.log_metric(f"{LIVE_GROUP}/{key}", value)
         live.make_summary()
 
 

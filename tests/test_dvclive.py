@@ -18,7 +18,7 @@ from trainer import PLOT_KEYS
 STEPS = 60
 TRAIN = {"max_steps": STEPS, "logging_steps": 1, "batch_size": 4, "checkpoint_steps": 0, "eval_steps": 20}
 LIVE = "metrics/train_live/metrics.json"
-CURVES = "metrics/train_live/plots/metrics"
+CURVES = "metrics/train_live/plots/metrics/live"
 
 
 def small_repo(path, tiny_base):
@@ -61,7 +61,7 @@ def test_exp_show_follows_a_running_training_and_plots_show_every_curve(tmp_path
             live = running_experiment(json.loads(shown.stdout)) if shown.returncode == 0 else None
             assert shown.returncode == 0 or run.poll() is not None, shown.stderr[-2000:]  # no lock wait, no error
             if live and run.poll() is None:
-                seen.append((live.get("step"), live.get("loss")))
+                seen.append((live.get("step"), live.get("live", {}).get("loss")))
     finally:
         output = run.communicate(timeout=300)[0]
     assert run.returncode == 0, output[-4000:]
@@ -70,7 +70,7 @@ def test_exp_show_follows_a_running_training_and_plots_show_every_curve(tmp_path
     assert f"step {STEPS}/{STEPS}  loss" in output  # the stage's own line per logging step
 
     final = json.loads((repo / LIVE).read_text())
-    assert final["step"] == STEPS and set(PLOT_KEYS) <= set(final)
+    assert final["step"] == STEPS and set(PLOT_KEYS) <= set(final["live"])
     shown = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)
     assert not shown.get("errors"), shown["errors"]
     for key in PLOT_KEYS:

@@ -322,7 +322,7 @@ EXPECTED = {
     "train.json": {"train_loss": 0.80016, "train_seconds": 71.9, "tokens_per_second": 4366.9, "peak_memory_mb": 690,
                    "per_class": {"billing": [0.9, 0.8]}},
     "train_curve.csv": "step,loss\n10,2.558\n20,1.389\n",
-    "train_live/plots/metrics/loss.tsv": "timestamp\tstep\tloss\n1764400000000\t10\t2.558\n1764400001000\t20\t1.389\n",
+    "train_live/plots/metrics/live/loss.tsv": "step\tloss\n10\t2.558\n20\t1.389\n",
     "examples.json": [{"input": "a", "finetuned": "billing"}],
 }
 
@@ -332,7 +332,6 @@ def test_check_metrics_is_exact_by_default_and_its_tolerance_still_catches_one_f
     rerun = json.loads(json.dumps(EXPECTED))
     rerun["train.json"].update(train_seconds=80.2, tokens_per_second=3900.0, peak_memory_mb=692)  # the machine
     rerun["examples.json"] = [{"input": "a", "finetuned": "other"}]  # shown to humans, not a metric
-    rerun["train_live/plots/metrics/loss.tsv"] = "timestamp\tstep\tloss\n1764409999000\t10\t2.558\n1764410000000\t20\t1.389\n"
     same_model = write(tmp_path / "same", rerun)
     assert check_metrics.main([str(expected), str(same_model)]) == 0  # exact, timings and examples skipped
     noisy = json.loads(json.dumps(rerun))
@@ -353,7 +352,7 @@ def test_check_metrics_names_every_difference(tmp_path, capsys):
     del drifted["eval.json"]["seed"]
     drifted["train.json"]["per_class"]["billing"][1] = 0.5
     drifted["train_curve.csv"] = "step,loss\n10,2.558\n20,1.1\n"
-    drifted["train_live/plots/metrics/loss.tsv"] = EXPECTED["train_live/plots/metrics/loss.tsv"].replace("1.389", "1.3")
+    drifted["train_live/plots/metrics/live/loss.tsv"] = EXPECTED["train_live/plots/metrics/live/loss.tsv"].replace("1.389", "1.3")
     del drifted["examples.json"]
     actual = write(tmp_path / "actual", drifted)
     assert check_metrics.main([str(expected), str(actual)]) == 1
@@ -361,6 +360,6 @@ def test_check_metrics_names_every_difference(tmp_path, capsys):
     for line in ["eval.json: perplexity expected 1.63239, got 1.9", "eval.json: method expected 'lora', got 'full'",
                  "eval.json: seed only in the expected metrics", "train.json: per_class.billing[1] expected 0.8, got 0.5",
                  "train_curve.csv: [1].loss expected 1.389, got 1.1", "examples.json: only in the expected metrics",
-                 "train_live/plots/metrics/loss.tsv: [1].loss expected 1.389, got 1.3"]:
+                 "train_live/plots/metrics/live/loss.tsv: [1].loss expected 1.389, got 1.3"]:
         assert line in out, out
     assert "7 difference(s)" in out

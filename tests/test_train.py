@@ -143,7 +143,7 @@ def test_scheduler_warmup_accumulation_and_the_other_knobs_reach_the_trainer(tin
     rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
     assert rates[0] < rates[2] and rates[3:] == [5e-3] * 3  # 3 warmup steps, then constant
     assert metrics["steps"] == 6 and metrics["padding_fraction"] < 0.2  # packed rows are nearly full
-    assert (tmp_path / "live" / "plots" / "metrics" / "learning_rate.tsv").read_text().count("\n") == 7  # header + 6
+    assert (tmp_path / "live" / "plots" / "metrics" / "live" / "learning_rate.tsv").read_text().count("\n") == 7  # header + 6
 
 
 def test_refuses_what_the_machine_cannot_do(tmp_path):
@@ -287,11 +287,11 @@ def test_a_killed_run_resumes_to_the_same_adapter_and_metrics(tmp_path, tiny_bas
     assert weights[0].keys() == weights[1].keys()
     assert max((weights[0][name] - weights[1][name]).abs().max().item() for name in weights[0]) < 1e-5
     # the resumed run replayed the checkpoint's log history into a fresh DVCLive folder: no duplicate steps
-    curves = [repo / "metrics" / "train_live" / "plots" / "metrics" for repo in (whole, killed)]
+    curves = [repo / "metrics" / "train_live" / "plots" / "metrics" / "live" for repo in (whole, killed)]
     for curve in ("loss.tsv", "eval_loss.tsv", "learning_rate.tsv", "grad_norm.tsv"):
         assert (curves[0] / curve).read_text() == (curves[1] / curve).read_text(), curve
     live = [json.loads((repo / "metrics" / "train_live" / "metrics.json").read_text()) for repo in (whole, killed)]
-    assert live[0]["step"] == live[1]["step"] == 40 and live[0]["loss"] == live[1]["loss"]
+    assert live[0]["step"] == live[1]["step"] == 40 and live[0]["live"]["loss"] == live[1]["live"]["loss"]
 
 
 def test_two_processes_train_with_ddp_through_accelerate(tmp_path, tiny_base, data):
