@@ -12,7 +12,7 @@ to what the stage records itself, and the goals: LoRA training <= 3x, evaluate <
 The run uses `dtype: bfloat16` (and `merge.dtype: bfloat16`) on the CPU: what `dtype: auto` picks on a
 GPU with bfloat16, and what meets the goals here (float32 alone is 2x the bfloat16 size).
 
-    python benchmarks/bench_real_size.py [--steps 3] [--test-rows 8] [--seq-len 128] [--dtype bfloat16] [--keep]
+    python benchmarks/bench_real_size.py [--steps 3] [--test-rows 8] [--seq-len 128] [--dtype bfloat16] [--until train] [--keep]
 
 Needs `make install` (llama.cpp's converter and the Qwen2 vocabulary file). ~10-20 minutes on 2 cores.
 """
@@ -80,7 +80,7 @@ def own_record(repo: Path, name: str) -> str:
     if not path.exists():
         return ""
     record = json.loads(path.read_text())
-    keys = ["peak_memory_mb", "plan_peak_memory_mb"]
+    keys = ["peak_memory_mb", "plan_peak_memory_mb", "tokens_per_second"]
     return ", ".join(f"{key} {record[key]:,.0f}" for key in keys if isinstance(record.get(key), (int, float)))
 
 
@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", default="0.5b", help="a scripts/family_models.py size (tiny: a quick dry run)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder and print its path")
+    parser.add_argument("--until", default="quantize", choices=[name for name, _ in STAGES],
+                        help="stop after this stage (train: the training numbers alone, ~half the time)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench-real-size-"))
     load_before = os.getloadavg()
@@ -117,8 +119,10 @@ def main() -> None:
               + ("what dtype: auto picks on a bf16 GPU, and what meets the goals here" if args.dtype == "bfloat16"
                  else "the CPU default") + f"); LoRA {args.steps} steps x {args.batch_size} rows, max_seq_len "
               f"{args.seq_len}, {args.test_rows} test rows, quantize.formats [gguf_q8_0]")
+        heap = {key: os.environ[key] for key in ("MALLOC_MMAP_THRESHOLD_", "FINETUNE_HEAP_LIMIT") if key in os.environ}
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch "
-              f"thread(s); load average at start {' '.join(f'{x:.2f}' for x in load_before)}")
+              f"thread(s); load average at start {' '.join(f'{x:.2f}' for x in load_before)}"
+              + (f"; {', '.join(f'{key}={value}' for key, value in heap.items())}" if heap else ""))
         print(f"{'stage':<14}{'seconds':>8}{'peak RSS MiB':>14}{'x bf16':>8}{'goal':>8}  stage's own record (MiB)")
         verdicts = []
         for name, command in STAGES:
@@ -129,6 +133,8 @@ def main() -> None:
                   f"{(f'<={goal}x' if goal else ''):>8}  {own_record(repo, name)}", flush=True)
             if goal:
                 verdicts.append(f"{name} {'meets' if ratio <= goal else 'MISSES'} {goal}x ({ratio:.2f}x)")
+            if name == args.until:
+                break
         print("goals: " + "; ".join(verdicts))
         print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:

@@ -20,9 +20,11 @@ batch (from data/formatted when train calls it) and the method:
   gradient;
 - the framework itself: the measured RSS of this process (torch, transformers, peft, the tokenizer,
   the data) on a CPU; the CUDA context on a GPU;
-- on a CPU, what glibc's heap keeps of freed mid-sized tensors (activations x 1.3; for qlora, what
-  bitsandbytes' CPU conversions leave), measured: the formulas above match autograd's saved tensors
-  to 1%, and RSS to 1% with MALLOC_MMAP_THRESHOLD_=1MiB, 7-32% above them without.
+- on a CPU, what glibc's heap keeps of freed tensors: nothing counted when the train stage bounds it
+  (device.limit_heap_retention, the default on glibc: the formulas above match autograd's saved tensors
+  to 1%, and RSS within 1% at tiny sizes, 12% under them at 0.5B); without that bound, activations x 1.3
+  kept through the optimizer step and saving (RSS ran 7-32% above autograd's tensors). For qlora, what
+  bitsandbytes' CPU conversions leave (measured without the bound).
 
 Peak = the framework plus the largest of four phases: loading, the training step (forward and
 backward), the optimizer step, and saving (the reference logits).
@@ -46,8 +48,11 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_CONTEXT_MIB = 600  # torch's CUDA context and library handles: outside its caching allocator
 # CPU: what the first steps add beyond the measured framework (oneDNN/MKL buffers, autograd, the Trainer)
 CPU_RUNTIME_MIB = 32
-# CPU: glibc's heap keeps the freed blocks of mid-sized tensors (under its 32 MiB mmap threshold), so RSS
-# stays 7-32% above what autograd keeps (measured at 0.5B; with MALLOC_MMAP_THRESHOLD_=1MiB it is within 1%)
+# CPU: glibc's heap keeps the freed blocks of mid-sized tensors (under its mmap threshold, which climbs to
+# 32 MiB), so RSS stays 7-32% above what autograd keeps, through the optimizer step and saving. The train
+# stage bounds that (device.limit_heap_retention: blocks over 1 MiB are mmapped and unmapped when freed);
+# this factor is for a run without it (FINETUNE_HEAP_LIMIT=0, or not glibc). At 0.5B, 4 x 104 tokens: peak
+# 2,930 MiB without the bound, 2,681 MiB with it (plan 3,431 and 3,047)
 CPU_HEAP_FACTOR = 1.3
 # CPU qlora: bitsandbytes converts each 4-bit weight on loading and repacks it for its CPU kernels at the
 # first forward; the heap keeps ~2 bytes per 4-bit weight of those transients (measured at 0.5B)
@@ -130,16 +135,19 @@ class Settings:
     compute_dtype: str
     virtual_tokens: int
     num_processes: int
+    heap_limited: bool = True  # CPU: glibc returns freed tensors over 1 MiB (device.limit_heap_retention)
 
     @classmethod
     def from_params(cls, cfg, placement) -> Settings:
+        from device import heap_retention_limited
+
         return cls(method=cfg.method, device=placement.device, dtype=placement.dtype,
                    mixed_precision="bfloat16" if cfg.bf16 else "float16" if cfg.fp16 else None,
                    gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer, lora_r=cfg.lora.r,
                    lora_dropout=cfg.lora.dropout, use_dora=cfg.lora.use_dora, quant_type=cfg.qlora.quant_type,
                    double_quant=cfg.qlora.double_quant, compute_dtype=cfg.qlora.compute_dtype,
                    virtual_tokens=cfg.prompt_tuning.num_virtual_tokens if cfg.method == "prompt_tuning" else 0,
-                   num_processes=cfg.num_processes)
+                   num_processes=cfg.num_processes, heap_limited=heap_retention_limited())
 
 
 @dataclass(frozen=True)
@@ -379,10 +387,10 @@ def plan(shape: Shape, s: Settings, work: Workload, framework_mib: float) -> Pla
     else:
         activations = tokens * (shape.num_layers * per_layer + per_layer)  # + the backward's working set
         note = f"{per_layer / 1024:,.1f} KiB/token/layer x {shape.num_layers} layers x {tokens:,} tokens"
-    if s.device == "cpu":  # glibc keeps the freed blocks of these mid-sized tensors: RSS stays up after the step
+    if s.device == "cpu" and not s.heap_limited:  # glibc keeps the freed blocks: RSS stays up after the step
         add("activations", CPU_HEAP_FACTOR * (activations + final_norm + head_input), ("step", "optimizer", "save"),
             note + f", x {CPU_HEAP_FACTOR} heap")
-    else:
+    else:  # a GPU, or glibc returning freed blocks over 1 MiB (what the heap keeps of smaller ones is noise)
         add("activations", activations + final_norm + head_input, ("step",), note)
     positions = work.rows * work.trained_columns
     # backward of the loss holds log-softmax's fp32 output, its gradient and the logits' (then cast back)

@@ -152,3 +152,58 @@ def test_an_adapter_is_attached_without_importing_gptqmodel(tiny_base, tmp_path)
     # a peft model, gptqmodel never imported, and still installed as far as the rest of the process can tell
     kind, imported, findable = result.stdout.split()[-3:]
     assert kind.startswith("PeftModel") and (imported, findable) == ("False", "True"), result.stdout
+
+
+HEAP_PROBE = """
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+import device
+
+applied = device.limit_heap_retention()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+
+
+def rss_mib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
+
+
+def step():  # 128 MiB of 2 MiB blocks (activations) between small ones that outlive them, then freed
+    blocks, small = [], []
+    for _ in range(64):
+        blocks.append(libc.malloc(2 << 20))
+        ctypes.memset(blocks[-1], 1, 2 << 20)
+        small.append(libc.malloc(256))
+    for block in blocks:
+        libc.free(block)
+    return small
+
+
+kept = [step()]  # with glibc's default, the first free raises its mmap threshold past 2 MiB
+before = rss_mib()
+kept.append(step())
+print(applied, round(rss_mib() - before))
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator only")
+@pytest.mark.parametrize("switch, applied, kept_mib", [("1", "True", (0, 8)), ("0", "False", (100, 200))])
+def test_freed_tensors_go_back_to_the_os_not_into_glibcs_heap(switch, applied, kept_mib):
+    """The train stage's first call: after a step, blocks over 1 MiB are returned when freed (glibc's
+    default keeps them in its heap once its dynamic threshold has climbed; FINETUNE_HEAP_LIMIT=0 keeps that)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
+    result = subprocess.run([sys.executable, "-c", HEAP_PROBE, str(ROOT / "stages")], capture_output=True, text=True,
+                            timeout=60, env={**env, "FINETUNE_HEAP_LIMIT": switch})
+    assert result.returncode == 0, result.stderr[-3000:]
+    was_applied, grown = result.stdout.split()
+    assert was_applied == applied and kept_mib[0] <= int(grown) <= kept_mib[1], result.stdout
+
+
+def test_the_heap_limit_is_the_first_thing_train_does():
+    tree = ast.parse((ROOT / "stages" / "train.py").read_text())
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    assert ast.unparse(main.body[1]) == "device.limit_heap_retention()"
