@@ -103,7 +103,7 @@ def train_row(method: str, metrics: dict, seconds: float, cuda: bool) -> dict:
     """One method's line; the peak is read now, after saving (as the plan counts it, and the stage measures it)."""
     import torch
 
-    from trainer import peak_rss_mb
+    from device import peak_rss_mb
 
     framework = metrics["plan"].get("framework_memory_mb", 0)
     plan = metrics["plan_peak_memory_mb"] - (framework if cuda else 0)

@@ -112,9 +112,19 @@ def load_adapter(model, folder):
             import_utils.is_gptqmodel_available.cache_clear()
 
 
+def peak_rss_mb() -> int:
+    """Peak resident memory of this process (MiB): VmHWM, the high-water mark of its own memory map.
+    getrusage's ru_maxrss is not that: Linux carries the parent's RSS at fork into the child's ru_maxrss,
+    so a stage started by a large process (pytest, a notebook) would report the parent's size."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
+
+
 def peak_memory() -> dict:
     """Peak resident memory of this process (MiB) and, on a GPU, peak allocated GPU memory (MiB)."""
-    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
     gpu = None
     try:
         import torch
@@ -123,7 +133,7 @@ def peak_memory() -> dict:
             gpu = round(torch.cuda.max_memory_allocated() / 2**20)
     except ImportError:
         pass
-    return {"peak_rss_mb": host, "peak_gpu_mb": gpu}
+    return {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": gpu}
 
 
 def memory_metrics(placement: Placement) -> dict:

@@ -271,7 +271,7 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
     import torch
     from transformers import AutoTokenizer
 
-    from trainer import make_trainer, peak_rss_mb
+    from trainer import make_trainer
 
     started = time.time()
     seed_everything(seed, torch.get_num_threads())
@@ -311,7 +311,7 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
         "padding_fraction": round(1 - real / processed, 4) if processed else None,
         "tokens_per_second": round(tokens_per_second, 1) if tokens_per_second else None,
         "train_seconds": round(train_seconds, 2), "wall_seconds": round(time.time() - started, 2),
-        "peak_memory_mb": peak_rss_mb(), **plan.metrics(),
+        "peak_memory_mb": device.peak_rss_mb(), **plan.metrics(),
         "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
         "mfu": round(counts["flops_per_token"] * tokens_per_second / (peak * trainer.args.world_size), 4)
         if peak and tokens_per_second else None,
@@ -380,7 +380,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from trainer import NonFiniteError, complete_checkpoints, peak_rss_mb
+    from trainer import NonFiniteError, complete_checkpoints
 
     base_dir = require_complete(BASE)
     placement = device.resolve(params.device, params.dtype)
@@ -407,7 +407,7 @@ def main() -> None:
                   else None, "seed": params.seed, "train": fingerprint["train"]}
         save_trained(trainer, tokenizer, cfg, eval_rows or train_rows, tmp, recipe)
         write_json(tmp / "format.json", {"fingerprint": json.loads((DATA / "format.json").read_text())["fingerprint"]})
-    metrics["peak_memory_mb"] = peak_rss_mb()  # the whole stage's, saving included (as the plan counts it)
+    metrics["peak_memory_mb"] = device.peak_rss_mb()  # the whole stage's, saving included (as the plan counts it)
     write_json(METRICS, metrics)
     log.info("train done: %d steps, train_loss %.4f, eval_loss %s, %s tokens/s, peak %d MiB (metrics/train.json)",
              metrics["steps"], metrics["train_loss"], metrics["eval_loss"], metrics["tokens_per_second"],

@@ -13,7 +13,6 @@ import bisect
 import logging
 import math
 import random
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from common import write_json
+from device import peak_rss_mb
 
 log = logging.getLogger("finetune.train")
 
@@ -306,17 +306,6 @@ def planned_workload(train_rows: list[dict], eval_rows: list[dict], cfg, seed: i
     return Workload(rows=cfg.batch_size, sequence_length=widest, trained_columns=trained,
                     tokens_per_step=sum(lengths) / per_epoch * cfg.gradient_accumulation_steps,
                     reference_tokens=sum(min(REFERENCE_TOKENS, len(row["input_ids"])) for row in prompts))
-
-
-def peak_rss_mb() -> int:
-    """Peak resident memory of this process (MiB): VmHWM, the high-water mark of its own memory map.
-    getrusage's ru_maxrss is not that: Linux carries the parent's RSS at fork into the child's ru_maxrss,
-    so a stage started by a large process (pytest, a notebook) would report the parent's size."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
 
 
 # --------------------------------------------------------------------------- assembly
