@@ -94,7 +94,7 @@ def pretrain(model, stream: list[int], cfg) -> dict:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
-        if step % 50 == 0 or step == cfg.pretrain_steps - 1:
+        if step % 100 == 0 or step == cfg.pretrain_steps - 1:
             seen = (step + 1) * cfg.pretrain_batch_size * block
             log.info("pretrain step %d/%d loss %.4f tokens/s %.0f", step + 1, cfg.pretrain_steps, loss_value,
                      seen / (time.time() - started))

@@ -202,7 +202,7 @@ def main() -> None:
                 for row in format_rows(read_records(IN / f"{name}.jsonl"), tokenizer, template, cfg, counts,
                                        params.seed, training=name == "train", paraphraser=paraphraser):
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            log.info("%s: %s", name, counts)
+            log.info("%s: %s", name, ", ".join(f"{key} {value}" for key, value in counts.items() if value))
         if not report["splits"]["train"]["rows_out"]:
             raise SystemExit("format: no training rows left; raise format.max_seq_len or use format.overflow: truncate")
         (tmp / "template.jinja").write_text(template, encoding="utf-8")

@@ -495,12 +495,11 @@ def check_fits(result: Plan, shape: Shape, work: Workload, framework: float, cap
 
 def log_plan(result: Plan, work: Workload, log) -> None:
     s = result.settings
-    log.info("memory plan: %s on %s (%s%s), %d rows x %d tokens, %d trained positions, gradient checkpointing %s, %s",
-             s.method, s.device, s.dtype, f", {s.mixed_precision} autocast" if s.mixed_precision else "", work.rows,
-             work.sequence_length + s.virtual_tokens, work.rows * work.trained_columns,
-             "on" if s.gradient_checkpointing else "off", s.optimizer)
-    for line in result.table():
-        log.info("memory plan: %s", line.strip())
+    rows = [line.strip() for line in result.table()]
+    log.info("memory plan: %s on %s (%s%s), %d rows x %d tokens, %d trained positions, gradient checkpointing %s, %s\n  %s"
+             "\nmemory plan: %s", s.method, s.device, s.dtype, f", {s.mixed_precision} autocast" if s.mixed_precision else "",
+             work.rows, work.sequence_length + s.virtual_tokens, work.rows * work.trained_columns,
+             "on" if s.gradient_checkpointing else "off", s.optimizer, "\n  ".join(rows[:-1]), rows[-1])
 
 
 # --------------------------------------------------------------------------- command line

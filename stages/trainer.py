@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
-from common import write_json
+from common import VERBOSE, write_json
 from device import peak_rss_mb
 
 log = logging.getLogger("finetune.train")
@@ -32,6 +32,7 @@ PLOT_KEYS = ["loss", "learning_rate", "grad_norm", "tokens_per_second", "eval_lo
 # DVCLive logs them as live/<key>: `dvc exp show` would otherwise merge columns of the same name from
 # metrics/train.json (eval_loss, tokens_per_second) and hide both
 LIVE_GROUP = "live"
+LOG_SECONDS = 15
 
 
 class NonFiniteError(RuntimeError):
@@ -197,6 +198,7 @@ class Observer(TrainerCallback):
         self.live_dir, self.fingerprint, self.keep_checkpoints = Path(live_dir), fingerprint, keep_checkpoints
         self.live = None  # process zero's DVCLive logger, opened when training begins
         self.last = (time.time(), 0)
+        self.printed = 0.0  # when the last step line was logged
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = (time.time(), state.num_input_tokens_seen)
@@ -216,7 +218,9 @@ class Observer(TrainerCallback):
             self.last = (now, tokens)
         if not state.is_world_process_zero:
             return
-        if "loss" in entry:
+        # a line per logging step at most every LOG_SECONDS (every one with FINETUNE_VERBOSE); the curves get all
+        if "loss" in entry and (VERBOSE or state.global_step >= state.max_steps or time.time() - self.printed >= LOG_SECONDS):
+            self.printed = time.time()
             log.info("step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %.0f tokens/s  rss %d MiB", state.global_step,
                      state.max_steps, entry["loss"], entry.get("learning_rate", 0), entry.get("grad_norm", 0),
                      entry["tokens_per_second"], peak_rss_mb())
