@@ -74,6 +74,11 @@ def limit_heap_retention() -> bool:
     return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
 
 
+def qlora_compute_dtype(setting: str, placement: Placement) -> str:
+    """`train.qlora.compute_dtype`: `auto` is the run's dtype (bf16 on a GPU that has it, fp32 on the CPU)."""
+    return placement.dtype if setting == "auto" else setting
+
+
 def heap_retention_limited() -> bool:
     """Whether a stage that calls limit_heap_retention() runs with freed large blocks returned to the OS
     (what the memory plan counts the heap by): glibc, and neither FINETUNE_HEAP_LIMIT=0 nor a

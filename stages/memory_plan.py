@@ -139,13 +139,13 @@ class Settings:
 
     @classmethod
     def from_params(cls, cfg, placement) -> Settings:
-        from device import heap_retention_limited
+        from device import heap_retention_limited, qlora_compute_dtype
 
         return cls(method=cfg.method, device=placement.device, dtype=placement.dtype,
                    mixed_precision="bfloat16" if cfg.bf16 else "float16" if cfg.fp16 else None,
                    gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer, lora_r=cfg.lora.r,
                    lora_dropout=cfg.lora.dropout, use_dora=cfg.lora.use_dora, quant_type=cfg.qlora.quant_type,
-                   double_quant=cfg.qlora.double_quant, compute_dtype=cfg.qlora.compute_dtype,
+                   double_quant=cfg.qlora.double_quant, compute_dtype=qlora_compute_dtype(cfg.qlora.compute_dtype, placement),
                    virtual_tokens=cfg.prompt_tuning.num_virtual_tokens if cfg.method == "prompt_tuning" else 0,
                    num_processes=cfg.num_processes, heap_limited=heap_retention_limited())
 

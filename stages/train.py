@@ -67,7 +67,7 @@ def check_platform(cfg, base_dir: Path, placement: device.Placement | None = Non
                         "use train.bf16: true (CPU autocast) or set fp16: false")
     if cfg.bf16 and cuda and not torch.cuda.is_bf16_supported():
         problems.append("train.bf16: this GPU has no bfloat16 support; use train.fp16: true")
-    if cfg.method == "qlora" and cfg.qlora.compute_dtype == "float16" and not cuda:
+    if cfg.method == "qlora" and device.qlora_compute_dtype(cfg.qlora.compute_dtype, placement) == "float16" and not cuda:
         problems.append("train.qlora.compute_dtype: float16 needs a CUDA GPU; use float32 or bfloat16 on CPU")
     if cfg.method == "qlora" or cfg.optimizer != "adamw_torch":
         try:
@@ -122,7 +122,8 @@ def build_model(base_dir: Path, cfg, local_rank: int, placement: device.Placemen
         sharded = cfg.num_processes > 1 and cfg.distributed in ("fsdp2", "deepspeed_zero3")
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.qlora.quant_type,
                                           bnb_4bit_use_double_quant=cfg.qlora.double_quant,
-                                          bnb_4bit_compute_dtype=getattr(torch, cfg.qlora.compute_dtype),
+                                          bnb_4bit_compute_dtype=getattr(torch, device.qlora_compute_dtype(
+                                              cfg.qlora.compute_dtype, placement)),
                                           **({"bnb_4bit_quant_storage": placement.torch_dtype} if sharded else {}))
         device_map = {"": local_rank} if placement.device == "cuda" else "cpu"
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=placement.torch_dtype,

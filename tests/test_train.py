@@ -168,6 +168,9 @@ def test_platform_checks_follow_where_the_run_goes_not_what_is_installed(tmp_pat
         train.check_platform(quick(method="qlora", qlora={"compute_dtype": "float16"}), tmp_path, on_cpu)
     train.check_platform(quick(fp16=True), tmp_path, on_gpu)
     train.check_platform(quick(method="qlora", qlora={"compute_dtype": "float16"}), tmp_path, on_gpu)
+    # auto: the run's dtype, so bf16 compute on a bf16 GPU and fp32 on the CPU (bitsandbytes' CPU kernels take it)
+    assert [device.qlora_compute_dtype("auto", where) for where in (on_cpu, on_gpu)] == ["float32", "bfloat16"]
+    assert device.qlora_compute_dtype("float16", on_cpu) == "float16"
 
 
 def test_frozen_bases_train_in_the_resolved_dtype_with_fp32_adapters_and_full_keeps_fp32(tiny_base, data, tmp_path):

@@ -25,7 +25,7 @@ class QLora(Strict):
 
     quant_type: Literal["nf4", "fp4"]
     double_quant: bool
-    compute_dtype: Literal["float32", "bfloat16", "float16"]
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"]  # auto: the run's dtype (device.py)
 
 
 class PromptTuning(Strict):
