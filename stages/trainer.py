@@ -226,8 +226,8 @@ class Observer(TrainerCallback):
                      entry["tokens_per_second"], peak_rss_mb())
         if "eval_loss" in entry:
             log.info("step %d  eval_loss %.4f", state.global_step, entry["eval_loss"])
-        if self.live is not None:  # None when a caller logs (trainer.evaluate) without having trained
-            log_curves(self.live, entry)
+        if self.live is not None and log_curves(self.live, entry):  # None: trainer.evaluate without training
+            self.live.make_summary()
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -268,15 +268,15 @@ def open_curves(folder: Path, history: list[dict], step: int):
     return live
 
 
-def log_curves(live, entry: dict) -> None:
-    """One Trainer log entry at the Trainer's step: a row on each curve it has, then metrics.json.
-    Not `Live.next_step`: it counts steps of its own, one per call."""
+def log_curves(live, entry: dict) -> bool:
+    """One Trainer log entry at the Trainer's step: a row on each curve it has (metrics.json is the caller's
+    `make_summary`). Not `Live.next_step`: it counts steps of its own, one per call. True if it logged any."""
     curves = {key: entry[key] for key in PLOT_KEYS if entry.get(key) is not None}
     if curves:
         live.step = entry["step"]
         for key, value in curves.items():
             live.log_metric(f"{LIVE_GROUP}/{key}", value)
-        live.make_summary()
+    return bool(curves)
 
 
 def planned_workload(train_rows: list[dict], eval_rows: list[dict], cfg, seed: int):

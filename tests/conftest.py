@@ -27,6 +27,24 @@ def tracked_copy(destination: Path) -> Path:
     return destination
 
 
+def repo_on_tiny_base(destination: Path, tiny_base: Path, edit_params=None) -> Path:
+    """A tracked copy (git-initialised on main) whose base stage output is `tiny_base`, recorded with `dvc commit`
+    so DVC takes it for a built one; `edit_params(params)` changes params.yaml first."""
+    import yaml
+
+    repo = tracked_copy(destination)
+    shutil.rmtree(repo / "models", ignore_errors=True)
+    shutil.copytree(tiny_base, repo / "models" / "base")
+    (repo / "models" / "base" / ".complete").write_text("ok\n")
+    if edit_params:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        edit_params(params)
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q", "-b", "main")
+    sh(repo, "dvc", "commit", "-f", "base")
+    return repo
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A tiny built-in base (briefly pretrained) shared by the unit tests."""

@@ -6,15 +6,13 @@ word list, a template file and a format param each make exactly the stage that r
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from conftest import tracked_copy
+from conftest import repo_on_tiny_base
 
 BIN = str(Path(sys.executable).parent)
 DATA_STAGES = ["base", "ingest", "dedup_filter", "format"]
@@ -67,15 +65,8 @@ def edited(path: Path, old: str, new: str):
 
 
 def test_messy_data_through_dvc_and_edits_rerun_exactly_their_stages(tmp_path, tiny_base):
-    repo = tracked_copy(tmp_path)
-    shutil.rmtree(repo / "models", ignore_errors=True)
-    shutil.copytree(tiny_base, repo / "models" / "base")
-    (repo / "models" / "base" / ".complete").write_text("ok\n")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["ingest"]["sources"] += write_messy_sources(repo / "data" / "raw" / "messy")
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, "git", "init", "-q")
-    sh(repo, "dvc", "commit", "-f", "base")  # the tiny base stands in for a built one
+    repo = repo_on_tiny_base(tmp_path, tiny_base, lambda params: params["ingest"]["sources"].extend(
+        write_messy_sources(tmp_path / "data" / "raw" / "messy")))
 
     assert ran(sh(repo, "dvc", "repro", "format")) == {"ingest", "dedup_filter", "format"}
     rejects = [json.loads(line) for line in (repo / "data" / "rejects.jsonl").read_text().splitlines()]

@@ -7,12 +7,9 @@ params file and saved no experiment of its own.
 """
 import json
 import os
-import shutil
 import subprocess
 
-import yaml
-
-from conftest import BIN, sh, tracked_copy
+from conftest import BIN, repo_on_tiny_base, sh
 from trainer import PLOT_KEYS
 
 STEPS = 60
@@ -23,15 +20,8 @@ CURVES = "metrics/train_live/plots/metrics/live"
 
 def small_repo(path, tiny_base):
     """A committed copy whose data stages ran on a little data, the tiny base recorded as the base stage's."""
-    repo = tracked_copy(path)
-    shutil.rmtree(repo / "models", ignore_errors=True)
-    shutil.copytree(tiny_base, repo / "models" / "base")
-    (repo / "models" / "base" / ".complete").write_text("ok\n")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["ingest"].update(test_fraction=0.02, max_eval_rows=16)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, "git", "init", "-q", "-b", "main")
-    sh(repo, "dvc", "commit", "-f", "base")  # the tiny base stands in for a built one
+    repo = repo_on_tiny_base(path, tiny_base, lambda params: params["ingest"].update(test_fraction=0.02,
+                                                                                     max_eval_rows=16))
     sh(repo, "dvc", "repro", "format")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "data")
