@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
-import minhash  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from finetune.data import minhash  # noqa: E402
 
 
 def documents(count: int, planted_fraction: float, seed: int = 0, window: int = 5000):

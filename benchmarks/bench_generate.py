@@ -17,19 +17,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "stages"))
+sys.path.insert(0, str(ROOT))
 
 
 def model_and_prompts(rows: int, use_adapter: bool = True):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common import COMPLETE, read_jsonl
+    from finetune.runtime.files import COMPLETE, read_jsonl
 
     base, adapter = ROOT / "models" / "base", ROOT / "models" / "adapter"
     if not (base / COMPLETE).exists():
-        import base as base_stage
-        from schema.core import section
+        from stages import base as base_stage
+        from finetune.params.core import section
 
         base = Path(tempfile.mkdtemp(prefix="bench-base-"))
         print(f"models/base missing: building a builtin base in {base}")
@@ -62,7 +62,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    import scoring
+    from finetune.evaluation import scoring
 
     torch.set_num_threads(args.threads)
     model, tokenizer, label, prompts = model_and_prompts(args.rows, not args.no_adapter)

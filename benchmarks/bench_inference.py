@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "stages"))
+sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -34,9 +34,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    import llamacpp
-    from common import read_jsonl
-    from quantize import tokens_per_second
+    from finetune.export import llamacpp
+    from finetune.runtime.files import read_jsonl
+    from stages.quantize import tokens_per_second
 
     torch.set_num_threads(args.threads)
     prompts = [row["prompt"] for row in read_jsonl(args.data)[: args.prompts]]

@@ -56,8 +56,8 @@ def child(stages: str, spec_path: str) -> None:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(spec["threads"])
-    import quantize
-    from schema.core import section
+    from stages import quantize
+    from finetune.params.core import section
 
     rows = formatted_rows(AutoTokenizer.from_pretrained(spec["model"]), spec["rows"])
 

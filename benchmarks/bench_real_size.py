@@ -34,10 +34,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import family_matrix  # noqa: E402  (copy_repo: this working tree as a fresh clone)
-STAGES = [("base", ["stages/base.py"]), ("ingest", ["stages/ingest.py"]), ("dedup_filter", ["stages/dedup_filter.py"]),
-          ("format", ["stages/format.py"]), ("train", ["stages/train.py"]),
-          ("evaluate_base", ["stages/evaluation.py", "base"]), ("evaluate", ["stages/evaluation.py"]),
-          ("merge", ["stages/merge.py"]), ("quantize", ["stages/quantize.py"])]
+STAGES = [("base", ["-m", "stages.base"]), ("ingest", ["-m", "stages.ingest"]), ("dedup_filter", ["-m", "stages.dedup_filter"]),
+          ("format", ["-m", "stages.format"]), ("train", ["-m", "stages.train"]),
+          ("evaluate_base", ["-m", "stages.evaluate", "base"]), ("evaluate", ["-m", "stages.evaluate"]),
+          ("merge", ["-m", "stages.merge"]), ("quantize", ["-m", "stages.quantize"])]
 GOALS = {"train": 3.0, "evaluate_base": 2.0, "evaluate": 2.0, "merge": 2.5}
 # where each stage records its own peak memory (MiB), and the train stage's estimate
 OWN_RECORD = {"train": "metrics/train.json", "evaluate_base": "metrics/memory/evaluate_base.json",

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "stages"))
+sys.path.insert(0, str(ROOT))
 
 
 def committed_sandbox(rev: str):
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--rev", default="HEAD", help="the committed version to compare with")
     args = parser.parse_args()
 
-    import sandbox
+    from finetune.evaluation import sandbox
 
     before = committed_sandbox(args.rev)
     versions = {f"before ({args.rev})": before, "after (working tree)": sandbox}

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "stages"))
+sys.path.insert(0, str(ROOT))
 
 
 def trl_baseline(base_dir, rows, cfg, steps: int, gradient_checkpointing: bool) -> tuple[float, float]:
@@ -61,7 +61,7 @@ def trl_baseline(base_dir, rows, cfg, steps: int, gradient_checkpointing: bool) 
 
 
 def ours(base_dir, rows, cfg, steps: int) -> tuple[float, float]:
-    import train
+    from stages import train
 
     with tempfile.TemporaryDirectory() as scratch:
         cfg = cfg.model_copy(update={"max_steps": steps, "checkpoint_steps": 0, "logging_steps": 10})
@@ -79,8 +79,9 @@ def main() -> None:
 
     import torch
 
-    from common import offline_by_default, read_jsonl
-    from schema.core import section
+    from finetune.runtime.env import offline_by_default
+    from finetune.runtime.files import read_jsonl
+    from finetune.params.core import section
 
     logging.basicConfig(level=logging.WARNING)
     os.environ["TQDM_DISABLE"] = "1"  # no progress bars between the numbers

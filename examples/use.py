@@ -16,14 +16,14 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "stages"))
+sys.path.insert(0, str(ROOT))
 TASKS = sorted(path.parent.name for path in (ROOT / "examples").glob("*/params.yaml"))
 
 
 def use(task: str, root: Path = ROOT) -> dict:
     """Apply the example to the checkout at `root`; returns the new params (validated)."""
-    from check_params import load_params
-    from schema.core import ParamsError, merge
+    from finetune.params.sections import load_params
+    from finetune.params.core import ParamsError, merge
 
     if task not in TASKS:
         raise SystemExit(f"unknown example {task!r}; choose one of {', '.join(TASKS)}")

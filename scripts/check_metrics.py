@@ -10,7 +10,7 @@ curves; row index and column) file is compared. Numbers agree when |actual - exp
 rather than of the model (keys with `seconds`, `per_second`, `memory` or `mfu` in them) vary run to run and are skipped, as are the human-readable example predictions (metrics/examples.json): a
 prediction that flips on another CPU already shows in the task metrics. Exit 0 when everything agrees; 1 with one line per difference otherwise.
 
-The default is exact: with torch's CPU float paths pinned (stages/common.py CPU_PINS) and llama.cpp
+The default is exact: with torch's CPU float paths pinned (finetune/runtime/env.py CPU_PINS) and llama.cpp
 built for one instruction set, any x86-64 CPU with AVX2 reproduces the committed numbers to the bit.
 `--tolerance` (rtol 1e-3, atol 1e-4) is for a path that cannot be made bit-stable (a GPU, another
 architecture): loose enough for float noise in losses and perplexities, tight enough that one flipped

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "stages")]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 import family_models  # noqa: E402
 
 # Small knobs: every stage and code path runs, on a few rows and steps. A family without a chat template
@@ -84,7 +84,7 @@ def copy_repo(destination: Path) -> Path:
 
 def gptq_group_size(model_dir: Path) -> int:
     """The largest of GPTQModel's group sizes up to 128 that divides every layer width (tiny models: 64)."""
-    import gptq
+    from finetune.export import gptq
 
     widths = gptq.layer_widths(model_dir).values()
     return max(size for size in (16, 32, 64, 128) if all(width % size == 0 for width in widths))
@@ -144,7 +144,7 @@ def forced(model, token_id: int):
 
 def transformers_stop(merged: Path, end_of_turn: int) -> dict:
     """The merged model's stop tokens, and what generate does when the model emits the end of turn."""
-    import scoring
+    from finetune.evaluation import scoring
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -167,7 +167,7 @@ def transformers_stop(merged: Path, end_of_turn: int) -> dict:
 
 def llamacpp_checks(gguf: Path, merged: Path, end_of_turn: int, test_rows: list[dict]) -> dict:
     """llama.cpp on the GGUF: its EOS, whether it stops at the end of turn, and tokenization against transformers."""
-    import llamacpp
+    from finetune.export import llamacpp
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
@@ -196,8 +196,8 @@ def llamacpp_checks(gguf: Path, merged: Path, end_of_turn: int, test_rows: list[
 
 def check(repo: Path, family: str) -> dict:
     """What the matrix asserts about the merged model of `repo`'s workspace run, and about its training data."""
-    import lora_targets
-    from common import read_jsonl
+    from finetune.training import lora_targets
+    from finetune.runtime.files import read_jsonl
     from transformers import AutoModelForCausalLM
 
     info = json.loads((repo / "models" / "base" / "family.json").read_text())
@@ -216,7 +216,7 @@ def check(repo: Path, family: str) -> dict:
 
 def check_quantized(repo: Path, end_of_turn: int) -> dict:
     """What the matrix asserts about the quantized artifacts of `repo`'s workspace run."""
-    from common import read_jsonl
+    from finetune.runtime.files import read_jsonl
 
     quantized = json.loads((repo / "metrics" / "quantize.json").read_text())
     return {"llamacpp": llamacpp_checks(repo / "models" / "quantized" / "model-q8_0.gguf", repo / "models" / "merged",

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "stages"), str(ROOT / "scripts")]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 sys.modules.setdefault("gptqmodel", None)  # as train does: a base we train is never GPTQ-quantized
 
 TOPICS = {"billing": "I was charged twice for my last order", "shipping": "my parcel has not arrived after two weeks",
@@ -74,8 +74,8 @@ def awq_row(merged: Path, train_rows: list[dict], test_rows: list[dict], placeme
     except Exception as exc:  # a broken install raises more than ImportError
         return {"run": "quantize awq", "skipped": f"gptqmodel does not import ({type(exc).__name__}: {exc})"[:120]}
     import_utils.is_gptqmodel_available.cache_clear()
-    import quantize
-    from schema.core import section
+    from stages import quantize
+    from finetune.params.core import section
 
     cfg = section("quantize", formats=["awq"])
     clock = time.time()
@@ -103,7 +103,7 @@ def train_row(method: str, metrics: dict, seconds: float, cuda: bool) -> dict:
     """One method's line; the peak is read now, after saving (as the plan counts it, and the stage measures it)."""
     import torch
 
-    from device import peak_rss_mb
+    from finetune.runtime.device import peak_rss_mb
 
     framework = metrics["plan"].get("framework_memory_mb", 0)
     plan = metrics["plan_peak_memory_mb"] - (framework if cuda else 0)
@@ -152,13 +152,13 @@ def main() -> int:
 
     import torch
 
-    import device
+    from finetune.runtime import device
     import family_models
-    import merge
-    import scoring
-    import train
-    from common import configure_logging
-    from schema.core import section
+    from stages import merge
+    from finetune.evaluation import scoring
+    from stages import train
+    from finetune.runtime.stage import configure_logging
+    from finetune.params.core import section
 
     configure_logging()
     cuda = torch.cuda.is_available() and not args.dry_run

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install llama.cpp tooling for stages/llamacpp.py into an existing venv (idempotent).
+# Install llama.cpp tooling for finetune/export/llamacpp.py into an existing venv (idempotent).
 #   scripts/install_llamacpp.sh VENV_DIR [CONVERT_DIR]
 # - builds llama-cpp-python from source (PyPI ships only an sdist) with a trimmed CMake config,
 #   plus sentencepiece (convert_hf_to_gguf.py imports it even for BPE vocabularies);

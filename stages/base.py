@@ -16,8 +16,11 @@ import shutil
 import time
 from pathlib import Path
 
-from common import ROOT, atomic_dir, offline_by_default, read_jsonl, seed_everything, setup, write_json
-from schema.model import ModelParams
+from finetune import ROOT
+from finetune.runtime.env import offline_by_default, seed_everything
+from finetune.runtime.files import atomic_dir, read_jsonl, write_json
+from finetune.runtime.stage import setup
+from finetune.params.model import ModelParams
 
 log = logging.getLogger("finetune.base")
 

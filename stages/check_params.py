@@ -7,26 +7,11 @@ from __future__ import annotations
 
 import logging
 
-from common import configure_logging
-from schema.core import PARAMS_FILE, ParamsError, read_yaml, validate
-from schema.dedup_filter import DedupFilter
-from schema.evaluate import Evaluate
-from schema.format import Format
-from schema.ingest import Ingest
-from schema.merge import Merge
-from schema.model import ModelParams
-from schema.publish import Publish
-from schema.quantize import Quantize
-from schema.train import Train
+from finetune.params.core import ParamsError
+from finetune.params.sections import load_params
+from finetune.runtime.stage import configure_logging
 
-SECTIONS = {"model": ModelParams, "ingest": Ingest, "dedup_filter": DedupFilter, "format": Format, "train": Train,
-            "evaluate": Evaluate, "merge": Merge, "quantize": Quantize, "publish": Publish}
 log = logging.getLogger("finetune.check_params")
-
-
-def load_params(path=None):
-    """Every section, and no unknown top-level key."""
-    return validate(read_yaml(path or PARAMS_FILE), SECTIONS, where=str(path or "params.yaml"), extra="forbid")
 
 
 def main(path=None) -> None:

@@ -19,9 +19,11 @@ import re
 import unicodedata
 from pathlib import Path
 
-from common import ROOT, atomic_dir, require_complete, setup, write_json, write_text
-from minhash import DedupIndex
-from schema.dedup_filter import DedupFilter
+from finetune import ROOT
+from finetune.runtime.files import atomic_dir, require_complete, write_json, write_text
+from finetune.runtime.stage import setup
+from finetune.data.minhash import DedupIndex
+from finetune.params.dedup_filter import DedupFilter
 
 log = logging.getLogger("finetune.dedup_filter")
 

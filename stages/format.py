@@ -15,9 +15,11 @@ import json
 import logging
 import random
 
-from augment import Paraphraser, variants
-from common import ROOT, atomic_dir, require_complete, setup, write_json
-from schema.format import Format
+from finetune.data.augment import Paraphraser, variants
+from finetune import ROOT
+from finetune.runtime.files import atomic_dir, require_complete, write_json
+from finetune.runtime.stage import setup
+from finetune.params.format import Format
 
 log = logging.getLogger("finetune.format")
 

@@ -18,9 +18,12 @@ import os
 from array import array
 from pathlib import Path
 
-from common import ROOT, VERBOSE, atomic_dir, setup, write_json
-from schema.ingest import Ingest
-from sources import BadRow, read_rows
+from finetune import ROOT
+from finetune.runtime.env import VERBOSE
+from finetune.runtime.files import atomic_dir, write_json
+from finetune.runtime.stage import setup
+from finetune.params.ingest import Ingest
+from finetune.data.sources import BadRow, read_rows
 
 log = logging.getLogger("finetune.ingest")
 

@@ -29,10 +29,13 @@ import logging
 import shutil
 from pathlib import Path
 
-import device
-from common import ROOT, atomic_dir, offline_by_default, require_complete, setup, write_json
-from reference import REFERENCE, load_reference_logits
-from schema.merge import Merge
+from finetune.runtime import device
+from finetune import ROOT
+from finetune.runtime.env import offline_by_default
+from finetune.runtime.files import atomic_dir, require_complete, write_json
+from finetune.runtime.stage import setup
+from finetune.training.reference import REFERENCE, load_reference_logits
+from finetune.params.merge import Merge
 
 log = logging.getLogger("finetune.merge")
 

@@ -17,10 +17,12 @@ import os
 import shutil
 from pathlib import Path
 
-from common import ROOT, atomic_dir, require_complete, setup, write_json
-from schema.evaluate import Evaluate
-from schema.ingest import Ingest
-from schema.publish import Publish
+from finetune import ROOT
+from finetune.runtime.files import atomic_dir, require_complete, write_json
+from finetune.runtime.stage import setup
+from finetune.params.evaluate import Evaluate
+from finetune.params.ingest import Ingest
+from finetune.params.publish import Publish
 
 log = logging.getLogger("finetune.publish")
 

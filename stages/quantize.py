@@ -23,14 +23,16 @@ import os
 import time
 from pathlib import Path
 
-import device
-import gptq
-import llamacpp
-import scoring
-from common import (ROOT, atomic_dir, offline_by_default, quiet_gptqmodel, read_jsonl, require_complete, setup,
-                    write_json, write_text)
-from schema.evaluate import Evaluate
-from schema.quantize import Quantize
+from finetune.runtime import device
+from finetune.export import gptq
+from finetune.export import llamacpp
+from finetune.evaluation import scoring
+from finetune import ROOT
+from finetune.runtime.env import offline_by_default, quiet_gptqmodel
+from finetune.runtime.files import atomic_dir, read_jsonl, require_complete, write_json, write_text
+from finetune.runtime.stage import setup
+from finetune.params.evaluate import Evaluate
+from finetune.params.quantize import Quantize
 
 log = logging.getLogger("finetune.quantize")
 

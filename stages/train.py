@@ -32,12 +32,15 @@ import sys
 import time
 from pathlib import Path
 
-import device
-import lora_targets
-import memory_plan
-from common import ROOT, atomic_dir, offline_by_default, read_jsonl, require_complete, seed_everything, setup, write_json
-from reference import save_reference_logits
-from schema.train import Train
+from finetune.runtime import device
+from finetune.training import lora_targets
+from finetune.training import memory_plan
+from finetune import ROOT
+from finetune.runtime.env import offline_by_default, seed_everything
+from finetune.runtime.files import atomic_dir, read_jsonl, require_complete, write_json
+from finetune.runtime.stage import setup
+from finetune.training.reference import reference_prompts, save_reference_logits
+from finetune.params.train import Train
 
 log = logging.getLogger("finetune.train")
 
@@ -223,7 +226,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def prepare_checkpoints(folder: Path, fingerprint: dict) -> Path | None:
     """Drop incomplete checkpoints and ones made under another fingerprint; return the newest to resume."""
-    from trainer import complete_checkpoints
+    from finetune.training.trainer import complete_checkpoints
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -251,11 +254,9 @@ def plan_memory(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, se
                 placement: device.Placement) -> memory_plan.Plan:
     """The memory plan from the base's config and the batches this run will see, before any weight is
     loaded: logged as a table; a run that cannot fit the device is refused with the knobs that would."""
-    from trainer import planned_workload
-
     targets = cfg.lora.target_modules if cfg.method in ("lora", "qlora") else None
     shape = memory_plan.describe_base(base_dir, targets)
-    work = planned_workload(train_rows, eval_rows, cfg, seed)
+    work = memory_plan.planned_workload(train_rows, eval_rows, cfg, seed)
     framework = memory_plan.framework_mib(placement.device)
     plan = memory_plan.plan(shape, memory_plan.Settings.from_params(cfg, placement), work, framework)
     memory_plan.log_plan(plan, work, log)
@@ -272,7 +273,7 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
     import torch
     from transformers import AutoTokenizer
 
-    from trainer import make_trainer
+    from finetune.training.trainer import make_trainer
 
     started = time.time()
     seed_everything(seed, torch.get_num_threads())
@@ -329,7 +330,7 @@ def save_trained(trainer, tokenizer, cfg, eval_rows: list[dict], out_dir: Path, 
     weights, which the model card quotes) and the reference logits merge checks against."""
     model = trainer.model.eval()
     # the logits are what the model returns: for prompt tuning, the virtual positions come first (as merge sees them)
-    save_reference_logits(model, [row["input_ids"][:64] for row in eval_rows[:4]], out_dir)
+    save_reference_logits(model, reference_prompts(eval_rows), out_dir)
     model.save_pretrained(out_dir)
     sort_target_modules(out_dir / "adapter_config.json")
     tokenizer.save_pretrained(out_dir)
@@ -366,7 +367,7 @@ def launch_processes(cfg, threads: int) -> int:
     config = ROOT / "configs" / "accelerate"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config / f"{cfg.distributed}.yaml"),
                "--num_processes", str(cfg.num_processes), "--mixed_precision", precision, "--dynamo_backend", "no",
-               "--main_process_port", str(port), str(Path(__file__).resolve()), *sys.argv[1:]]
+               "--main_process_port", str(port), "--module", "stages.train", *sys.argv[1:]]
     log.info("launching %d processes: %s", cfg.num_processes, " ".join(command))
     return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode
 
@@ -381,7 +382,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from trainer import NonFiniteError, complete_checkpoints
+    from finetune.training.trainer import NonFiniteError, complete_checkpoints
 
     base_dir = require_complete(BASE)
     placement = device.resolve(params.device, params.dtype)

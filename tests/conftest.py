@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "stages"))
-import common  # noqa: E402  (pins torch's CPU float paths before torch is imported: same numbers on any x86 CPU)
+import finetune  # noqa: F401  (pins torch's CPU float paths before torch is imported)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,8 +49,8 @@ def tiny_base(tmp_path_factory):
     """A tiny built-in base (briefly pretrained) shared by the unit tests."""
     import torch
 
-    import base
-    from schema.core import section
+    from stages import base
+    from finetune.params.core import section
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("base")

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-import base
+from stages import base
 from conftest import tracked_copy
 
 CLASSES = ["AutoTokenizer", "PreTrainedTokenizerFast", "LlamaTokenizer", "GPT2Tokenizer", "Qwen2Tokenizer",
@@ -76,7 +76,7 @@ def test_the_base_stage_refuses_such_a_local_folder(builtin_tokenizer, tmp_path)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["model"]["base"] = str(model)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = subprocess.run([sys.executable, "stages/base.py"], cwd=repo, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "stages.base"], cwd=repo, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0 and "model.base: the tokenizer has 48 token id(s)" in result.stderr, result.stderr[-2000:]
     assert not (repo / "models" / "base").exists()

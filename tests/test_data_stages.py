@@ -4,13 +4,13 @@ import json
 import pandas as pd
 import pytest
 
-import dedup_filter
-import format as fmt
-import ingest
-from check_params import load_params
-from common import ROOT
-from schema.core import ParamsError, section
-from schema.ingest import Source
+from stages import dedup_filter
+from stages import format as fmt
+from stages import ingest
+from finetune.params.sections import load_params
+from finetune import ROOT
+from finetune.params.core import ParamsError, section
+from finetune.params.ingest import Source
 
 
 def run_sources(tmp_path, sources, seed=1, **split):
@@ -363,7 +363,7 @@ def test_source_weights_and_augmentation_apply_to_training_rows_only(tokenizer):
 
 
 def test_paraphrase_augmentation_with_a_local_generator(tokenizer, tiny_base):
-    from augment import Paraphraser
+    from finetune.data.augment import Paraphraser
 
     cfg = section("format", augment={"enabled": True, "model": str(tiny_base), "max_new_tokens": 6, "temperature": 0.0,
                           "instruction_templates": ["{instruction}"]})

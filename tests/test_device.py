@@ -7,8 +7,8 @@ import pytest
 import torch
 import yaml
 
-import device
-import evaluation
+from finetune.runtime import device
+from stages import evaluate as evaluation
 from conftest import ROOT
 
 # format's optional instruction paraphraser (augment.model) is not on the device plan yet: it loads in float32
@@ -66,7 +66,7 @@ def model_loads(tree):
 
 def test_no_stage_loads_a_model_with_a_hard_coded_dtype_or_device():
     problems = []
-    for path in sorted((ROOT / "stages").rglob("*.py")):
+    for path in sorted([*(ROOT / "stages").rglob("*.py"), *(ROOT / "finetune").rglob("*.py")]):
         if path.name in NOT_PLACED:
             continue
         for call in model_loads(ast.parse(path.read_text())):
@@ -83,13 +83,13 @@ def test_no_stage_loads_a_model_with_a_hard_coded_dtype_or_device():
 def test_every_model_loading_stage_resolves_its_placement_from_params():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name in MODEL_STAGES:
-        script = next(word for word in stages[name]["cmd"].split() if word.startswith("stages/"))
+        script = next(word for word in stages[name]["cmd"].split() if word.startswith("stages.")).replace(".", "/") + ".py"
         tree = ast.parse((ROOT / script).read_text())
         calls = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Call)
                  and ast.unparse(node.func) in ("device.resolve", "resolve")]
         assert any("params.device" in call for call in calls), f"{script} does not call device.resolve(params.device, ...)"
         assert "device" in stages[name]["params"], f"{name}: reads `device` but dvc.yaml does not declare it"
-        assert "stages/device.py" in stages[name]["deps"], name
+        assert "finetune/runtime/device.py" in stages[name]["deps"], name
 
 
 def complete_copy(folder, destination):
@@ -118,7 +118,7 @@ def test_evaluate_loads_base_and_adapter_where_the_placement_says(tiny_base, tmp
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_the_model_and_its_scoring_run_there(tiny_base, tmp_path):
-    import scoring
+    from finetune.evaluation import scoring
     from transformers import AutoTokenizer
 
     tiny_base = complete_copy(tiny_base, tmp_path / "base")
@@ -142,11 +142,11 @@ def test_an_adapter_is_attached_without_importing_gptqmodel(tiny_base, tmp_path)
     from transformers import AutoModelForCausalLM
 
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import device, importlib.util; "
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); from finetune.runtime import device; import importlib.util; "
              "from transformers import AutoModelForCausalLM; "
              "model = device.load_adapter(AutoModelForCausalLM.from_pretrained(sys.argv[2]), sys.argv[3]); "
              "print(type(model).__name__, 'gptqmodel' in sys.modules, importlib.util.find_spec('gptqmodel') is not None)")
-    result = subprocess.run([sys.executable, "-c", probe, str(ROOT / "stages"), str(tiny_base), str(tmp_path)],
+    result = subprocess.run([sys.executable, "-c", probe, str(ROOT), str(tiny_base), str(tmp_path)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # a peft model, gptqmodel never imported, and still installed as far as the rest of the process can tell
@@ -157,7 +157,7 @@ def test_an_adapter_is_attached_without_importing_gptqmodel(tiny_base, tmp_path)
 HEAP_PROBE = """
 import ctypes, sys
 sys.path.insert(0, sys.argv[1])
-import device
+from finetune.runtime import device
 
 applied = device.limit_heap_retention()
 libc = ctypes.CDLL(None)
@@ -197,7 +197,7 @@ def test_freed_tensors_go_back_to_the_os_not_into_glibcs_heap(switch, applied, k
     import sys
 
     env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
-    result = subprocess.run([sys.executable, "-c", HEAP_PROBE, str(ROOT / "stages")], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", HEAP_PROBE, str(ROOT)], capture_output=True, text=True,
                             timeout=60, env={**env, "FINETUNE_HEAP_LIMIT": switch})
     assert result.returncode == 0, result.stderr[-3000:]
     was_applied, grown = result.stdout.split()

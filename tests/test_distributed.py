@@ -14,11 +14,11 @@ import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
-import device
-import train
+from finetune.runtime import device
+from stages import train
 from conftest import ROOT
-from schema.core import section
-from schema.train import Train
+from finetune.params.core import section
+from finetune.params.train import Train
 from test_train import mini_repo, stage
 
 ENGINES = typing.get_args(Train.model_fields["distributed"].annotation)

@@ -29,8 +29,8 @@ def names(entries):
 
 
 def module_files(dotted: str) -> list[str]:
-    """The files under stages/ that importing `dotted` executes (each package's __init__ on the way)."""
-    files, folder = [], ROOT / "stages"
+    """The repo files that importing `dotted` executes (each package's __init__ on the way)."""
+    files, folder = [], ROOT
     for part in dotted.split("."):
         if (folder / part / "__init__.py").exists():
             folder = folder / part
@@ -38,14 +38,26 @@ def module_files(dotted: str) -> list[str]:
         elif (folder / f"{part}.py").exists():
             files.append(folder / f"{part}.py")
             break
+        elif (folder / part).is_dir() and folder == ROOT:  # stages/: a folder of scripts, not a package
+            folder = folder / part
         else:
             break
     return [str(path.relative_to(ROOT)) for path in files]
 
 
+def programs(path: str, tree) -> list[str]:
+    """Program files a module hands to another interpreter: a string naming a .py file beside it."""
+    here = (ROOT / path).parent
+    return [str((here / node.value).relative_to(ROOT)) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py")
+            and "/" not in node.value and (here / node.value).is_file()]
+
+
 def local_imports(path: str, seen: set | None = None) -> set[str]:
     seen = seen if seen is not None else {path}
-    for node in ast.walk(ast.parse((ROOT / path).read_text())):
+    tree = ast.parse((ROOT / path).read_text())
+    found = list(programs(path, tree))
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             dotted = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -53,22 +65,24 @@ def local_imports(path: str, seen: set | None = None) -> set[str]:
         else:
             continue
         for name in dotted:
-            for found in module_files(name):
-                if found not in seen:
-                    seen.add(found)
-                    local_imports(found, seen)
+            found += module_files(name)
+    for item in found:
+        if item not in seen:
+            seen.add(item)
+            local_imports(item, seen)
     return seen
 
 
 def script(stage) -> str:
-    return next(word for word in stage["cmd"].split() if word.startswith("stages/"))
+    """`python -m stages.train` -> stages/train.py"""
+    return next(word for word in stage["cmd"].split() if word.startswith("stages.")).replace(".", "/") + ".py"
 
 
 def test_code_deps_are_exactly_the_modules_each_stage_imports():
     problems = []
     for name, stage in STAGES.items():
         imported = local_imports(script(stage))
-        declared = {dep for dep in names(stage.get("deps")) if dep.startswith("stages/")}
+        declared = {dep for dep in names(stage.get("deps")) if dep.endswith(".py")}
         problems += [f"{name}: imports {path} but does not declare it" for path in sorted(imported - declared)]
         problems += [f"{name}: declares {path} but never imports it" for path in sorted(declared - imported)]
     assert not problems, "\n".join(problems)
@@ -76,8 +90,9 @@ def test_code_deps_are_exactly_the_modules_each_stage_imports():
 
 def test_the_import_follower_sees_lazy_and_package_imports():
     quantize = local_imports("stages/quantize.py")
-    assert {"stages/sandbox.py", "stages/schema/core.py", "stages/schema/__init__.py"} <= quantize  # sandbox: inside a function
-    assert "stages/evaluation.py" not in quantize and "stages/schema/train.py" not in quantize
+    assert {"finetune/evaluation/sandbox.py", "finetune/params/core.py", "finetune/params/__init__.py",
+            "finetune/__init__.py", "finetune/export/gptq_worker.py"} <= quantize  # a package's __init__, a program file
+    assert "stages/evaluate.py" not in quantize and "finetune/params/train.py" not in quantize
 
 
 def test_every_path_a_stage_names_is_a_dep_or_an_out():
@@ -118,17 +133,16 @@ def test_params_sections_exist_and_outputs_have_one_owner():
             owners[out] = name
 
 
-def test_no_stage_module_shadows_an_installed_package():
-    stage_dir = str(ROOT / "stages")
-    modules = sorted({path.stem for path in (ROOT / "stages").glob("*.py")} | {"schema"})
-    # without stages/ on the path: none of these names may be importable from the environment
+def test_no_top_level_name_shadows_an_installed_package():
+    """Stages run as `python -m stages.<name>` from the repository root: the root's packages (`finetune`, `stages`)
+    come first on sys.path, so neither may be the name of an installed package, and no script's own name is
+    importable bare (`stages/evaluate.py` is `stages.evaluate`; `import evaluate` is Hugging Face's)."""
+    names = sorted(path.name for path in ROOT.iterdir() if path.is_dir() and any(path.glob("*.py")))
     probe = ("import importlib.util, json, sys; sys.path = [p for p in sys.path if p and p != %r]; "
-             "print(json.dumps({m: bool(importlib.util.find_spec(m)) for m in %r}))") % (stage_dir, modules)
+             "print(json.dumps({m: bool(importlib.util.find_spec(m)) for m in %r}))") % (str(ROOT), names)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd="/", check=True)
     shadowing = [name for name, exists in yaml.safe_load(found.stdout).items() if exists]
-    assert not shadowing, f"stages/ modules that shadow installed packages: {shadowing}"
-    # and with stages/ first on the path, as every stage runs, `evaluate` is Hugging Face's package
-    assert stage_dir in sys.path
+    assert {"finetune", "stages"} <= set(names) and not shadowing, f"shadowing installed packages: {shadowing}"
     spec = importlib.util.find_spec("evaluate")
     assert spec is not None and "site-packages" in spec.origin, spec

@@ -10,7 +10,7 @@ import os
 import subprocess
 
 from conftest import BIN, repo_on_tiny_base, sh
-from trainer import PLOT_KEYS
+from finetune.training.trainer import PLOT_KEYS
 
 STEPS = 60
 TRAIN = {"max_steps": STEPS, "logging_steps": 1, "batch_size": 4, "checkpoint_steps": 0, "eval_steps": 20}

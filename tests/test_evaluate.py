@@ -12,12 +12,12 @@ import sys
 import pytest
 import yaml
 
-import evaluation
-import scoring
-import task_metrics as tm
-from schema.core import section
+from stages import evaluate as evaluation
+from finetune.evaluation import scoring
+from finetune.evaluation import task_metrics as tm
+from finetune.params.core import section
 from conftest import ROOT, tracked_copy
-from sandbox import Outcome
+from finetune.evaluation.sandbox import Outcome
 
 
 # --------------------------------------------------------------------------- metric functions
@@ -287,7 +287,7 @@ def test_dvc_declares_what_each_evaluate_mode_needs():
 
 def run_stage(repo, *args, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "stages/evaluation.py", *args], cwd=repo, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "stages.evaluate", *args], cwd=repo, env=env, capture_output=True, text=True)
     if check and result.returncode:
         raise AssertionError(result.stderr[-4000:])
     return result

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from check_params import load_params
+from finetune.params.sections import load_params
 from conftest import ROOT, tracked_copy
 
 TASKS = ["classification", "generation", "qa", "coding"]
@@ -19,11 +19,10 @@ TASK_KEYS = {"classification": {"task.accuracy", "task.macro_f1", "task.unparsea
              "generation": {"task.bleu", "task.rouge1", "task.rouge2", "task.rougeL", "task.meteor"},
              "qa": {"task.exact_match", "task.f1"},
              "coding": {"task.pass@1", "task.pass@4", "task.syntax_valid_rate", "task.test_pass_rate"}}
-STAGES = [("ingest", []), ("dedup_filter", []), ("format", []), ("train", []), ("evaluation", ["base"]), ("evaluation", [])]
+STAGES = [("ingest", []), ("dedup_filter", []), ("format", []), ("train", []), ("evaluate", ["base"]), ("evaluate", [])]
 RUNNER = """
 import runpy, shutil, sys, yaml
 sys.path.insert(0, "examples")
-sys.path.insert(0, "stages")
 import use
 for task in sys.argv[1:]:
     use.use(task)
@@ -34,7 +33,7 @@ for task in sys.argv[1:]:
     open("params.yaml", "w").write(yaml.safe_dump(params, sort_keys=False))
     for stage, args in %r:
         sys.argv = ["stages/%%s.py" %% stage, *args]
-        runpy.run_path("stages/%%s.py" %% stage, run_name="__main__")
+        runpy.run_module("stages." + stage, run_name="__main__")
     shutil.copytree("metrics", "results/" + task)
 """ % (STAGES,)
 

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, ran, sh, tracked_copy
-from schema.core import TRACE_ENV
+from finetune.params.core import TRACE_ENV
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import check_metrics  # noqa: E402
@@ -235,7 +235,7 @@ def test_a_logging_knob_reruns_train_only_and_dvc_stops_at_the_identical_adapter
 
 @pytest.mark.slow
 def test_editing_the_train_schema_reruns_train_and_nothing_upstream(pipeline):
-    schema = pipeline / "stages/schema/train.py"
+    schema = pipeline / "finetune/params/train.py"
     original = schema.read_text()
     schema.write_text(original.replace('"""`train`:', '"""(an edited comment) `train`:', 1))
     try:

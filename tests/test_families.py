@@ -134,7 +134,7 @@ def test_lora_presets_resolve_on_the_familys_own_layers(family):
 
 def test_a_family_without_a_chat_template_is_told_which_to_use():
     """GPT-NeoX ships no chat template: format.template=tokenizer fails at once naming the ones that work."""
-    import format as format_stage
+    from stages import format as format_stage
 
     tokenizer, _ = family_models.load_tokenizer("gpt_neox")
     with pytest.raises(SystemExit, match="the base tokenizer has no chat template; choose chatml, alpaca"):

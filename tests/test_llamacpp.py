@@ -7,7 +7,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 torch = pytest.importorskip("torch")
 
-import llamacpp  # noqa: E402  (stages/ is on pytest pythonpath)
+from finetune.export import llamacpp  # noqa: E402  (stages/ is on pytest pythonpath)
 
 CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-import device
-import memory_plan
-import train
+from finetune.runtime import device
+from finetune.training import memory_plan
+from stages import train
 from conftest import ROOT
-from schema.core import section
+from finetune.params.core import section
 from test_train import finish, make_rows, mini_repo, stage
 
 sys.modules.setdefault("gptqmodel", None)  # as train does: peft would import it (~2 s) to look for GPTQ layers
@@ -212,7 +212,10 @@ def test_train_refuses_before_loading_any_weight(tiny_base, tmp_path, monkeypatc
 
 
 def test_the_command_prints_the_plan_for_a_public_shape_without_training(capsys):
-    memory_plan.main(["--shape", "Qwen2.5-0.5B", "--device", "cuda", "--dtype", "bfloat16", "train.method=qlora",
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import memory_plan as command  # scripts/memory_plan.py
+
+    command.main(["--shape", "Qwen2.5-0.5B", "--device", "cuda", "--dtype", "bfloat16", "train.method=qlora",
                       "train.batch_size=2", "format.max_seq_len=512"])
     out = capsys.readouterr().out
     printed = json.loads(out[out.index("{"):])
@@ -223,4 +226,4 @@ def test_the_readme_table_is_what_the_command_prints():
     params = __import__("yaml").safe_load((ROOT / "params.yaml").read_text())
     table = memory_plan.readme_table(params)
     assert table in (ROOT / "README.md").read_text(), "README's memory plan table is stale: " \
-        "python stages/memory_plan.py --readme"
+        "python scripts/memory_plan.py --readme"

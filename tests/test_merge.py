@@ -11,11 +11,11 @@ from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import merge
-import publish
-from check_params import load_params
-from reference import REFERENCE, save_reference_logits
-from schema.core import section
+from stages import merge
+from stages import publish
+from finetune.params.sections import load_params
+from finetune.training.reference import REFERENCE, save_reference_logits
+from finetune.params.core import section
 
 PROMPTS = ["The capital of France is", "Two plus two is"]
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-import minhash
+from finetune.data import minhash
 
 
 def documents(count, seed=0):

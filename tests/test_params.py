@@ -8,10 +8,10 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from check_params import SECTIONS, load_params
+from finetune.params.sections import SECTIONS, load_params
 from conftest import ROOT
-from schema.core import ParamsError, Tracked, section, tracked, validate
-from schema.ingest import Source
+from finetune.params.core import ParamsError, Tracked, section, tracked, validate
+from finetune.params.ingest import Source
 
 
 def test_shipped_params_validate():
@@ -22,7 +22,7 @@ def test_shipped_params_validate():
 
 def schema_classes():
     for name in SECTIONS:
-        module = importlib.import_module(f"schema.{name}")
+        module = importlib.import_module(f"finetune.params.{name}")
         yield from (value for value in vars(module).values()
                     if isinstance(value, type) and issubclass(value, BaseModel) and value.__module__ == module.__name__)
 
@@ -95,8 +95,8 @@ def test_cross_field_rules(tmp_path):
 
 def test_a_stage_validates_only_its_own_sections(tmp_path):
     """A broken train section does not stop ingest: each stage checks what it reads (check_params checks all)."""
-    from schema.ingest import Ingest
-    from schema.train import Train
+    from finetune.params.ingest import Ingest
+    from finetune.params.train import Train
 
     raw = yaml.safe_load(write(tmp_path, lambda raw: raw["train"]["lora"].update(r=0)).read_text())
     assert validate(raw, {"ingest": Ingest}).ingest.test_fraction == raw["ingest"]["test_fraction"]
@@ -119,10 +119,10 @@ def test_tracked_params_record_every_key_read():
 
 def test_check_stage_fails_without_heavy_imports(tmp_path):
     path = write(tmp_path, lambda raw: raw["train"]["lora"].update(r=0))
-    code = ("import sys, check_params\n"
+    code = ("import sys\nfrom stages import check_params\n"
             "try:\n    check_params.main(sys.argv[1])\n"
             "finally:\n    assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
-    result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT / "stages", capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
     assert "train.lora.r: Input should be greater than 0, got 0" in result.stderr
     assert "AssertionError" not in result.stderr

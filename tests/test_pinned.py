@@ -2,7 +2,7 @@
 and of one small evaluation, on a seeded tiny Qwen2-family model with its real tokenizer (built offline by
 scripts/family_models.py, independent of this project's corpus). Any change to loss masking, loss
 scaling, templates, merging or scoring fails here by name. With torch's CPU float paths pinned
-(stages/common.py CPU_PINS) these hold on any x86-64 CPU with AVX2; update them only deliberately:
+(finetune/runtime/env.py CPU_PINS) these hold on any x86-64 CPU with AVX2; update them only deliberately:
 
     PIN_PRINT=1 python -m pytest -q -s tests/test_pinned.py   # prints the current values as Python literals
 """
@@ -14,11 +14,11 @@ import sys
 import pytest
 import torch
 
-import merge
-import scoring
-import train
+from stages import merge
+from finetune.evaluation import scoring
+from stages import train
 from conftest import ROOT
-from schema.core import section
+from finetune.params.core import section
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import family_models  # noqa: E402

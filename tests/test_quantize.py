@@ -6,16 +6,17 @@ import sys
 import pytest
 import torch
 
-from check_params import load_params
-from common import ROOT, read_jsonl
-from schema.core import ParamsError, read_yaml, section, validate
-from schema.quantize import QualityCheck, Quantize
+from finetune.params.sections import load_params
+from finetune import ROOT
+from finetune.runtime.files import read_jsonl
+from finetune.params.core import ParamsError, read_yaml, section, validate
+from finetune.params.quantize import QualityCheck, Quantize
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("gptqmodel")
-import gptq  # noqa: E402
-import llamacpp  # noqa: E402
-import quantize  # noqa: E402
+from finetune.export import gptq  # noqa: E402
+from finetune.export import llamacpp  # noqa: E402
+from stages import quantize  # noqa: E402
 
 
 def rows_for(tokenizer, tickets):
@@ -84,7 +85,7 @@ def test_every_artifact_is_measured_against_the_merged_model(quantized):
 
 
 def test_gguf_generates_and_scores_in_llama_cpp(quantized, tiny_base):
-    import scoring
+    from finetune.evaluation import scoring
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     _, out, rows = quantized
@@ -98,7 +99,7 @@ def test_gguf_generates_and_scores_in_llama_cpp(quantized, tiny_base):
 
 
 def test_top1_is_batched_within_the_budget_and_equals_one_row_at_a_time(tiny_base, rows):
-    import scoring
+    from finetune.evaluation import scoring
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
@@ -228,7 +229,7 @@ def test_gptq_quantizes_and_serves_on_a_gpu(tiny_base, rows, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_awq_quantizes_and_serves_on_a_gpu(tiny_base, rows, tmp_path):
     """The stage's own path on the GPU: quantized there, reloaded by transformers in float16, scored."""
-    import device
+    from finetune.runtime import device
 
     params = load_params()
     cfg = params.quantize.model_copy(update={"awq": section("quantize.awq", group_size=64, calibration_rows=16),

@@ -9,9 +9,9 @@ import socket
 
 import pytest
 
-import sandbox
+from finetune.evaluation import sandbox
 from conftest import ROOT
-from task_metrics import coding_metrics
+from finetune.evaluation.task_metrics import coding_metrics
 
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
 GOOD = "def add(a, b):\n    return a + b\n"

@@ -14,11 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import device
-import train
-import trainer
-from common import COMPLETE
-from schema.core import merge, section
+from finetune.runtime import device
+from stages import train
+from finetune.training import trainer
+from finetune.runtime.files import COMPLETE
+from finetune.params.core import merge, section
 from conftest import ROOT
 
 TOPICS = {"billing": "I was charged twice for my last order", "shipping": "my parcel has not arrived after two weeks",
@@ -236,8 +236,9 @@ def test_checkpoints_made_under_other_settings_or_half_written_are_not_resumed(t
 
 
 def mini_repo(path, tiny_base, data, **train_params):
-    """The real stage layout, small: stages/, configs/, params.yaml, models/base, data/formatted."""
-    shutil.copytree(ROOT / "stages", path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    """The real stage layout, small: stages/, finetune/, configs/, params.yaml, models/base, data/formatted."""
+    for code in ("stages", "finetune"):
+        shutil.copytree(ROOT / code, path / code, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "configs", path / "configs")
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
                    {"train": {"batch_size": 4, "logging_steps": 1, "learning_rate": 5e-3, **train_params}})
@@ -253,7 +254,7 @@ def mini_repo(path, tiny_base, data, **train_params):
 
 def stage(repo, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "stages/train.py"], cwd=repo, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
 

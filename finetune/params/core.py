@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
-ROOT = Path(__file__).resolve().parents[2]
+from finetune import ROOT
+
 PARAMS_FILE = ROOT / "params.yaml"
 TRACE_ENV = "FINETUNE_PARAMS_TRACE"  # a folder: each stage writes the params keys it read there
 
@@ -58,7 +59,7 @@ def validate(raw: dict, sections: dict[str, type], where: str = "params.yaml", e
     """Validate the top-level knobs and the given sections; every problem is reported at once, by key path.
     `extra="forbid"` (check_params) also refuses unknown top-level keys."""
     fields: dict[str, Any] = {"seed": (int, ...), "threads": (int, Field(gt=0)),
-                              "device": (Literal["auto", "cpu", "cuda"], ...),  # see stages/device.py
+                              "device": (Literal["auto", "cpu", "cuda"], ...),  # see finetune/runtime/device.py
                               "dtype": (Literal["auto", "float32", "bfloat16", "float16"], ...)}
     fields.update({name: (schema, ...) for name, schema in sections.items()})
     model = create_model("Params", __config__=ConfigDict(extra=extra, strict=True, frozen=True), **fields)
@@ -75,7 +76,7 @@ def section(dotted: str, path: Path | str = PARAMS_FILE, **overrides):
     from importlib import import_module
 
     keys = dotted.split(".")
-    raw, schema = read_yaml(path), import_module(f"schema.{keys[0]}").SECTION
+    raw, schema = read_yaml(path), import_module(f"finetune.params.{keys[0]}").SECTION
     for depth, key in enumerate(keys):
         raw = raw[key]
         if depth:

@@ -29,8 +29,8 @@ batch (from data/formatted when train calls it) and the method:
 Peak = the framework plus the largest of four phases: loading, the training step (forward and
 backward), the optimizer step, and saving (the reference logits).
 
-    python stages/memory_plan.py [--base DIR | --shape NAME] [--device cuda --dtype bfloat16] [train.method=qlora ...]
-    python stages/memory_plan.py --readme    # the README table: 0.5B / 8B / 70B shapes on a GPU in bf16
+    python scripts/memory_plan.py [--base DIR | --shape NAME] [--device cuda --dtype bfloat16] [train.method=qlora ...]
+    python scripts/memory_plan.py --readme    # the README table: 0.5B / 8B / 70B shapes on a GPU in bf16
 """
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from finetune.data import IGNORE
+from finetune.training.batching import LengthGroupedSampler, pack
+from finetune.training.reference import REFERENCE_PROMPTS, REFERENCE_TOKENS
 
 MIB = 2**20
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -60,7 +64,6 @@ CPU_4BIT_HEAP_BYTES = 2.0
 OPTIMIZER_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps fp32 states for smaller tensors
 OPTIMIZER_8BIT_BLOCK = 256  # one fp32 absmax per block per state
 QUANT_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
-REFERENCE_PROMPTS, REFERENCE_TOKENS = 4, 64  # train.save_trained: logits of 4 prompts of <= 64 tokens
 PHASES = ("load", "step", "optimizer", "save")
 # GPU sizes as cudaMemGetInfo reports their totals (MiB): RTX 4090, A100 40GB, L40S, H100 80GB, H200
 GPU_TOTALS_MIB = {"24 GB": 24_564, "40 GB": 40_960, "48 GB": 46_068, "80 GB": 81_559, "141 GB": 143_771}
@@ -139,7 +142,7 @@ class Settings:
 
     @classmethod
     def from_params(cls, cfg, placement) -> Settings:
-        from device import heap_retention_limited, qlora_compute_dtype
+        from finetune.runtime.device import heap_retention_limited, qlora_compute_dtype
 
         return cls(method=cfg.method, device=placement.device, dtype=placement.dtype,
                    mixed_precision="bfloat16" if cfg.bf16 else "float16" if cfg.fp16 else None,
@@ -208,7 +211,7 @@ def describe(config, target_modules=None, checkpoint_bytes: int = 0) -> Shape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import lora_targets
+    from finetune.training import lora_targets
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -503,6 +506,37 @@ def log_plan(result: Plan, work: Workload, log) -> None:
 
 
 # --------------------------------------------------------------------------- command line
+def planned_workload(train_rows: list[dict], eval_rows: list[dict], cfg, seed: int):
+    """The batches this run will see, as the memory plan needs them (memory_plan.Workload): the widest one,
+    the most positions a batch trains (logits are computed there), the mean real tokens per optimizer
+    step, from the sampler's own order over the first epochs; and the reference prompts saved at the end."""
+    dataset = pack(train_rows, cfg.packing_length) if cfg.packing else train_rows
+    lengths = [len(row["input_ids"]) for row in dataset]
+    spans = []  # first and last position whose next token is trained
+    for row in dataset:
+        targets = row["labels"][1:]
+        first = next((i for i, label in enumerate(targets) if label != IGNORE), None)
+        last = next((len(targets) - 1 - i for i, label in enumerate(reversed(targets)) if label != IGNORE), None)
+        spans.append((first, last) if first is not None else None)
+    per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    steps = cfg.max_steps * cfg.gradient_accumulation_steps if cfg.max_steps > 0 else per_epoch * cfg.num_epochs
+    sampler = LengthGroupedSampler(lengths, cfg.batch_size, seed, cfg.group_by_length or cfg.packing)
+    widest = trained = 0
+    for epoch in range(min(3, max(1, math.ceil(steps / per_epoch)))):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for start in range(0, len(order), cfg.batch_size):
+            batch = order[start:start + cfg.batch_size]
+            widest = max(widest, max(lengths[i] for i in batch))
+            marked = [spans[i] for i in batch if spans[i]]
+            if marked:
+                trained = max(trained, max(last for _, last in marked) - min(first for first, _ in marked) + 1)
+    prompts = (eval_rows or train_rows)[:REFERENCE_PROMPTS]  # reference.reference_prompts
+    return Workload(rows=cfg.batch_size, sequence_length=widest, trained_columns=trained,
+                    tokens_per_step=sum(lengths) / per_epoch * cfg.gradient_accumulation_steps,
+                    reference_tokens=sum(min(REFERENCE_TOKENS, len(row["input_ids"])) for row in prompts))
+
+
 def synthetic_workload(cfg, max_seq_len: int) -> Workload:
     """No data: every row as long as it may be, every position trained (an upper bound)."""
     length = cfg.packing_length if cfg.packing else max_seq_len
@@ -517,9 +551,9 @@ def readme_table(params: dict) -> str:
     per row, gradient checkpointing, the rest as params.yaml has it."""
     from transformers import AutoConfig
 
-    from device import Placement
-    from schema.core import merge, validate
-    from schema.train import Train
+    from finetune.runtime.device import Placement
+    from finetune.params.core import merge, validate
+    from finetune.params.train import Train
 
     rows, length, trained = 8, 1024, 256
     work = Workload(rows, length, trained, float(rows * length), REFERENCE_PROMPTS * REFERENCE_TOKENS)
@@ -542,85 +576,3 @@ def readme_table(params: dict) -> str:
                          f"{gib['activations']:.1f} | {gib['logits']:.1f} | **{peak:.1f}** | {fits} | "
                          f"{result.flops_per_step / 1e12:,.0f} |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="The memory plan of a training run, without training.")
-    parser.add_argument("--base", type=Path, help="a model folder (default: models/base)")
-    parser.add_argument("--shape", choices=sorted(PUBLIC_SHAPES), help="a public model's shape instead of a folder")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="plan for this device (default: params.yaml)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: params.yaml")
-    parser.add_argument("--data", type=Path, help="formatted data (default: data/formatted when it exists and --base "
-                                                  "is not given; else full-length rows, every position trained)")
-    parser.add_argument("--readme", action="store_true", help="print the README table (public shapes, GPU, bf16)")
-    parser.add_argument("overrides", nargs="*", help="params as dotted.key=value, e.g. train.method=qlora")
-    args = parser.parse_args(argv)
-
-    import yaml
-
-    from common import ROOT, configure_logging, read_jsonl
-    from schema.core import PARAMS_FILE, merge, read_yaml, validate
-    from schema.train import Train
-
-    configure_logging()
-    params = read_yaml(PARAMS_FILE)
-    for override in args.overrides:
-        key, _, value = override.partition("=")
-        tree: dict = {}
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-        params = merge(params, tree)
-    if args.readme:
-        print(readme_table(params))
-        return
-    checked = validate(params, {"train": Train})
-    cfg = checked.train
-    import device
-
-    where = args.device or checked.device
-    placement = device.resolve(where, args.dtype or checked.dtype, cuda=True if where == "cuda" else None,
-                               bf16=True if where == "cuda" else None)
-    import torch  # noqa: F401  (the framework whose memory is measured, as train imports it)
-    import peft  # noqa: F401
-    from transformers import Trainer  # noqa: F401
-
-    targets = cfg.lora.target_modules if cfg.method in ("lora", "qlora") else None
-    if args.shape:
-        from transformers import AutoConfig
-
-        shape = describe(AutoConfig.for_model(**PUBLIC_SHAPES[args.shape]), targets)
-    else:
-        base = args.base or ROOT / "models" / "base"
-        if not (base / "config.json").exists():
-            raise SystemExit(f"{base} has no config.json: give --base DIR, or --shape NAME")
-        shape = describe_base(base, targets)
-        if (base / "tokenizer.json").exists() or (base / "tokenizer_config.json").exists():
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(base)  # train holds it too
-    data = args.data or (ROOT / "data" / "formatted" if not args.base and not args.shape else None)
-    if data and (data / "train.jsonl").exists():
-        from trainer import planned_workload
-
-        rows = read_jsonl(data / "train.jsonl")
-        evals = read_jsonl(data / "eval.jsonl") if (data / "eval.jsonl").exists() else []
-        work = planned_workload(rows, evals, cfg, checked.seed)
-    else:
-        work = synthetic_workload(cfg, params["format"]["max_seq_len"])
-    framework = framework_mib(placement.device)
-    result = plan(shape, Settings.from_params(cfg, placement), work, framework)
-    log = logging.getLogger("finetune.memory_plan")
-    log_plan(result, work, log)
-    if placement.device == "cpu" or torch.cuda.is_available():
-        capacity, what = capacity_mib(placement.device)
-        log.info("memory plan: %s: %s is %s MiB", "fits" if result.peak_mib <= capacity else "does NOT fit", what,
-                 f"{capacity:,.0f}")
-    print(json.dumps(result.metrics(), indent=2))
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    main()

@@ -2,6 +2,6 @@
 the schema modules of exactly the sections it reads (editing the train schema reruns train, not base).
 
 Values live in `params.yaml` only: no field here has a default. A test builds its config from
-params.yaml plus explicit overrides with `schema.core.section("train", method="full")`.
-Kept empty on purpose: importing `schema.train` must not import the other sections.
+params.yaml plus explicit overrides with `finetune.params.core.section("train", method="full")`.
+Kept empty on purpose: importing `finetune.params.train` must not import the other sections.
 """

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from schema.core import Float, Strict
+from finetune.params.core import Float, Strict
 
 QuantFormat = Literal["gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k_m", "gptq", "awq", "bnb_int8"]
 

@@ -10,7 +10,7 @@ import csv
 import json
 from pathlib import Path
 
-from common import ROOT
+from finetune import ROOT
 
 
 class BadRow(ValueError):

@@ -1,6 +1,6 @@
 """GPTQ and AWQ with GPTQModel (the maintained successor of AutoGPTQ and AutoAWQ, the backend transformers uses).
 
-GPTQModel runs in its own process (`python stages/gptq.py SPEC.json`): importing it patches
+GPTQModel runs in its own process (`python finetune/export/gptq_worker.py SPEC.json`): importing it patches
 transformers and safetensors and points HF_HOME at a temp folder unless it is set, and
 quantizing writes `./logs/` into the working directory. So the worker gets an explicit
 HF_HOME and a scratch working directory, and the calling process stays untouched.
@@ -30,6 +30,7 @@ from pathlib import Path
 
 log = logging.getLogger("finetune.gptq")
 CALIBRATION = "calibration.jsonl"
+WORKER = "gptq_worker.py"  # the program the worker process runs
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what GPTQModel's kernels take (-1: one group per row)
 AWQ_GROUP_SIZES = (-1, 16, 32, 64, 128)  # what its AWQ kernels take (torch and CUDA GEMM alike)
 METHODS = {"gptq": GROUP_SIZES, "awq": AWQ_GROUP_SIZES}  # the quantize.formats GPTQModel makes
@@ -148,7 +149,7 @@ def quantize_gptq(merged_dir, out_dir, calibration: list[dict], cfg, threads: in
         env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(max(threads, 2)), "OMP_NUM_THREADS": str(threads),
                "HF_HOME": os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))}
         started = time.time()
-        result = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(spec)], cwd=scratch, env=env,
+        result = subprocess.run([sys.executable, str(Path(__file__).with_name(WORKER)), str(spec)], cwd=scratch, env=env,
                                 capture_output=True, text=True)
         seconds = time.time() - started
     if result.returncode != 0:
@@ -162,31 +163,3 @@ def quantize_gptq(merged_dir, out_dir, calibration: list[dict], cfg, threads: in
     log.info("%s: %d-bit, group %d, desc_act %s, %d calibration rows, %.1f s", method, cfg.bits, cfg.group_size,
              desc_act, len(calibration), seconds)
     return seconds
-
-
-def _worker(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
-    from gptqmodel.quantization.config import FORMAT, METHOD
-
-    if spec["method"] == "awq":  # the torch packer: the default CUDA one refuses a CPU, and needs a kernel build
-        config = QuantizeConfig(quant_method=METHOD.AWQ, format=FORMAT.GEMM, bits=spec["bits"],
-                                group_size=spec["group_size"], pack_impl="original", offload_to_disk=False)
-        backend = BACKEND.AWQ_TORCH
-    else:
-        config = QuantizeConfig(bits=spec["bits"], group_size=spec["group_size"], desc_act=spec["desc_act"],
-                                pack_impl="original", offload_to_disk=False)
-        backend = BACKEND.AUTO
-    model = GPTQModel.load(spec["merged"], config, device="cpu" if not torch.cuda.is_available() else "cuda:0")
-    model.quantize([{"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"])}
-                    for row in spec["calibration"]], batch_size=1, backend=backend)
-    model.save(spec["out"])
-    Path(spec["out"], "quant_log.csv").unlink(missing_ok=True)  # timings of this run: not part of the model
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])

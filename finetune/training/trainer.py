@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
-from common import VERBOSE, write_json
-from device import peak_rss_mb
+from finetune.data import IGNORE
+from finetune.runtime.env import VERBOSE
+from finetune.runtime.files import write_json
+from finetune.runtime.device import peak_rss_mb
+from finetune.training.batching import LengthGroupedSampler, pack
 
 log = logging.getLogger("finetune.train")
 
-IGNORE = -100
 PLOT_KEYS = ["loss", "learning_rate", "grad_norm", "tokens_per_second", "eval_loss"]
 # DVCLive logs them as live/<key>: `dvc exp show` would otherwise merge columns of the same name from
 # metrics/train.json (eval_loss, tokens_per_second) and hide both
@@ -37,69 +39,6 @@ LOG_SECONDS = 15
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def pack(rows: list[dict], capacity: int) -> list[dict]:
-    """Best-fit-decreasing packing of examples into rows of at most `capacity` tokens. Every example
-    keeps position ids 0..n-1, from which the model builds a block-diagonal causal mask: an example
-    attends only to itself. Its first label is masked so no loss crosses a boundary."""
-    longest = max(len(row["input_ids"]) for row in rows)
-    if longest > capacity:
-        raise SystemExit(f"train.packing_length ({capacity}) is shorter than the longest example ({longest} tokens); "
-                         f"raise it to at least {longest}")
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]), i))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free tokens, bin), sorted: the tightest bin that fits is found by bisect
-    for index in order:
-        size = len(rows[index]["input_ids"])
-        slot = bisect.bisect_left(free, (size, -1))
-        if slot == len(free):
-            bins.append([index])
-            bisect.insort(free, (capacity - size, len(bins) - 1))
-        else:
-            space, target = free.pop(slot)
-            bins[target].append(index)
-            bisect.insort(free, (space - size, target))
-    packed = []
-    for members in bins:
-        row = {"input_ids": [], "labels": [], "position_ids": []}
-        for index in members:
-            example = rows[index]
-            row["input_ids"] += example["input_ids"]
-            row["labels"] += [IGNORE] + example["labels"][1:]
-            row["position_ids"] += list(range(len(example["input_ids"])))
-        packed.append(row)
-    return packed
-
-
-class LengthGroupedSampler:
-    """Index order whose consecutive `batch_size` chunks hold examples of similar length, in an order
-    shuffled from (seed, epoch) alone, so a resumed run replays exactly the batches it missed."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: bool, megabatches: int = 32):
-        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
-        self.megabatch = batch_size * megabatches
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        rng = random.Random(self.seed * 100_003 + self.epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        if not self.group:
-            return iter(order)
-        batches = []
-        for start in range(0, len(order), self.megabatch):
-            chunk = sorted(order[start:start + self.megabatch], key=lambda i: self.lengths[i])
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        last = batches.pop() if len(batches[-1]) < self.batch_size else None  # a short batch stays last
-        rng.shuffle(batches)
-        return iter([index for batch in batches + ([last] if last else []) for index in batch])
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
@@ -277,39 +216,6 @@ def log_curves(live, entry: dict) -> bool:
         for key, value in curves.items():
             live.log_metric(f"{LIVE_GROUP}/{key}", value)
     return bool(curves)
-
-
-def planned_workload(train_rows: list[dict], eval_rows: list[dict], cfg, seed: int):
-    """The batches this run will see, as the memory plan needs them (memory_plan.Workload): the widest one,
-    the most positions a batch trains (logits are computed there), the mean real tokens per optimizer
-    step, from the sampler's own order over the first epochs; and the reference prompts saved at the end."""
-    from memory_plan import REFERENCE_PROMPTS, REFERENCE_TOKENS, Workload
-
-    dataset = pack(train_rows, cfg.packing_length) if cfg.packing else train_rows
-    lengths = [len(row["input_ids"]) for row in dataset]
-    spans = []  # first and last position whose next token is trained
-    for row in dataset:
-        targets = row["labels"][1:]
-        first = next((i for i, label in enumerate(targets) if label != IGNORE), None)
-        last = next((len(targets) - 1 - i for i, label in enumerate(reversed(targets)) if label != IGNORE), None)
-        spans.append((first, last) if first is not None else None)
-    per_epoch = math.ceil(len(dataset) / cfg.batch_size)
-    steps = cfg.max_steps * cfg.gradient_accumulation_steps if cfg.max_steps > 0 else per_epoch * cfg.num_epochs
-    sampler = LengthGroupedSampler(lengths, cfg.batch_size, seed, cfg.group_by_length or cfg.packing)
-    widest = trained = 0
-    for epoch in range(min(3, max(1, math.ceil(steps / per_epoch)))):
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        for start in range(0, len(order), cfg.batch_size):
-            batch = order[start:start + cfg.batch_size]
-            widest = max(widest, max(lengths[i] for i in batch))
-            marked = [spans[i] for i in batch if spans[i]]
-            if marked:
-                trained = max(trained, max(last for _, last in marked) - min(first for first, _ in marked) + 1)
-    prompts = (eval_rows or train_rows)[:REFERENCE_PROMPTS]
-    return Workload(rows=cfg.batch_size, sequence_length=widest, trained_columns=trained,
-                    tokens_per_step=sum(lengths) / per_epoch * cfg.gradient_accumulation_steps,
-                    reference_tokens=sum(min(REFERENCE_TOKENS, len(row["input_ids"])) for row in prompts))
 
 
 # --------------------------------------------------------------------------- assembly

@@ -5,7 +5,7 @@ from typing import Optional
 
 from pydantic import Field, field_validator
 
-from schema.core import Float, Strict
+from finetune.params.core import Float, Strict
 
 
 class NearDedup(Strict):

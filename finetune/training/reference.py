@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 REFERENCE = "reference_logits.safetensors"
+REFERENCE_PROMPTS, REFERENCE_TOKENS = 4, 64  # the logits of 4 held-out prompts of at most 64 tokens
+
+
+def reference_prompts(rows: list[dict]) -> list[list[int]]:
+    return [row["input_ids"][:REFERENCE_TOKENS] for row in rows[:REFERENCE_PROMPTS]]
 
 
 def save_reference_logits(model, prompts: list[list[int]], folder: Path) -> None:

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schema.core import Float, Strict
+from finetune.params.core import Float, Strict
 
 
 class MergeTolerance(Strict):

@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from schema.core import Float, Strict
+from finetune.params.core import Float, Strict
 
 
 class ClassificationEval(Strict):

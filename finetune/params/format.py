@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
-from schema.core import Float, Strict
+from finetune.params.core import Float, Strict
 
 
 class Augment(Strict):

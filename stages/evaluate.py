@@ -1,9 +1,9 @@
 """evaluate / evaluate_base: score a model on the held-out test split, by task type, against the base.
 
 (Named evaluation.py, not evaluate.py, so that it never shadows Hugging Face's `evaluate` package.)
-`python stages/evaluation.py base` scores the untouched base (its own DVC stage, so it reruns only
+`python -m stages.evaluate base` scores the untouched base (its own DVC stage, so it reruns only
 when the base, the test data or the params that change its numbers change) into
-`metrics/eval_base.json`; `python stages/evaluation.py` scores the fine-tuned model and writes
+`metrics/eval_base.json`; `python -m stages.evaluate` scores the fine-tuned model and writes
 `metrics/eval.json`: every metric for both models side by side (`task.*`, `base.task.*`) and the
 change (`delta.*`), perplexity, and the forgetting check (`general.*`: lm-eval tasks scored
 before and after, failing or warning past `evaluate.general.max_drop`).
@@ -25,11 +25,14 @@ import logging
 import re
 import sys
 
-import device
-from common import ROOT, offline_by_default, read_jsonl, require_complete, seed_everything, setup, write_json, write_text
-from schema.evaluate import Evaluate
-from scoring import LOGITS_BUDGET_BYTES, evaluate_model, label_choices
-from task_metrics import UNPARSEABLE, normalise_label, parse_label, per_class_report
+from finetune.runtime import device
+from finetune import ROOT
+from finetune.runtime.env import offline_by_default, seed_everything
+from finetune.runtime.files import read_jsonl, require_complete, write_json, write_text
+from finetune.runtime.stage import setup
+from finetune.params.evaluate import Evaluate
+from finetune.evaluation.scoring import LOGITS_BUDGET_BYTES, evaluate_model, label_choices
+from finetune.evaluation.task_metrics import UNPARSEABLE, normalise_label, parse_label, per_class_report
 
 log = logging.getLogger("finetune.evaluate")
 
@@ -73,7 +76,7 @@ def general_scores(model, tokenizer, cfg, batch_size: int) -> tuple[dict, set[st
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from scoring import vocab_size
+    from finetune.evaluation.scoring import vocab_size
 
     per_row = GENERAL_TOKENS_PER_ROW * vocab_size(model) * 8  # float32 logits and their log-softmax
     batch_size = max(1, min(batch_size, LOGITS_BUDGET_BYTES // per_row))
@@ -168,7 +171,7 @@ def side_by_side(metrics: dict, base: dict) -> dict:
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "adapter"
     if which not in ("adapter", "base"):
-        raise SystemExit("usage: python stages/evaluation.py [base]")
+        raise SystemExit("usage: python -m stages.evaluate [base]")
     stage = "evaluate_base" if which == "base" else "evaluate"
     params = setup(stage, {"evaluate": Evaluate})
     cfg = params.evaluate

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 
-from task_metrics import (classification_metrics, coding_metrics, extract_code, extract_tests, generation_metrics,
+from finetune.evaluation.task_metrics import (classification_metrics, coding_metrics, extract_code, extract_tests, generation_metrics,
                           normalise_label, parse_label, qa_metrics)
 
 log = logging.getLogger("finetune.scoring")
@@ -220,7 +220,7 @@ def check_coding_rows(rows: list[dict], tokenizer) -> list[list[str]]:
 
 def score_programs(texts: list[str], rows: list[dict], tokenizer, cfg) -> dict:
     """Run `cfg.num_samples` answers per row (consecutive in `texts`) against the row's tests, contained."""
-    from sandbox import check_works, isolation, run_tests
+    from finetune.evaluation.sandbox import check_works, isolation, run_tests
 
     tests, samples = check_coding_rows(rows, tokenizer), cfg.num_samples
     check_works()

@@ -5,7 +5,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from schema.core import Strict
+from finetune.params.core import Strict
 
 
 class Publish(Strict):

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import VERBOSE
+from finetune.runtime.env import VERBOSE
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Deployable artifacts: GGUF through llama.cpp, GPTQ and AWQ through GPTQModel."""

@@ -1,0 +1,1 @@
+"""The process environment, stage start-up, devices and atomic files."""
