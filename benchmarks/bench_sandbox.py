@@ -1,5 +1,6 @@
-"""Per-program cost of the code sandbox: the judge + candidate pair (stages/sandbox.py) vs the single
-harness process it replaced (the committed `git show <rev>:stages/sandbox.py`).
+"""Per-program cost of the code sandbox: the working tree's (finetune/evaluation/sandbox/) vs a committed
+version (`--rev`: the package of program files, or the single module of older layouts, finetune/evaluation/
+sandbox.py or stages/sandbox.py, such as the one harness process the judge + candidate pair replaced).
 
     python benchmarks/bench_sandbox.py [--programs 30] [--rounds 2] [--rev HEAD]
 
@@ -27,13 +28,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+PACKAGE = "finetune/evaluation/sandbox"
+MODULES = ["finetune/evaluation/sandbox.py", "stages/sandbox.py"]  # older layouts, newest first
+
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+
 def committed_sandbox(rev: str):
-    """The sandbox module as committed at `rev`, loaded from a temp file under another name."""
-    source = subprocess.run(["git", "show", f"{rev}:stages/sandbox.py"], cwd=ROOT, capture_output=True, text=True,
-                            check=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="bench-sandbox-")) / "sandbox_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("sandbox_before", path)
+    """The sandbox as committed at `rev`, loaded from a temp folder under another name: the package with its
+    program files beside it, or an older layout's single module."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-sandbox-"))
+    files = git("ls-tree", "--name-only", rev, f"{PACKAGE}/").stdout.split()
+    if files:
+        folder = folder / "sandbox_before"
+        folder.mkdir()
+        for path in files:
+            (folder / Path(path).name).write_text(git("show", f"{rev}:{path}").stdout)
+        spec = importlib.util.spec_from_file_location("sandbox_before", folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+    else:
+        found = next((path for path in MODULES if git("cat-file", "-e", f"{rev}:{path}").returncode == 0), None)
+        if found is None:
+            raise SystemExit(f"no sandbox at {rev}: neither {PACKAGE}/ nor {' nor '.join(MODULES)}")
+        (folder / "sandbox_before.py").write_text(git("show", f"{rev}:{found}").stdout)
+        spec = importlib.util.spec_from_file_location("sandbox_before", folder / "sandbox_before.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["sandbox_before"] = module  # dataclasses looks its module up
     spec.loader.exec_module(module)

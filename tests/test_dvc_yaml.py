@@ -90,7 +90,7 @@ def test_code_deps_are_exactly_the_modules_each_stage_imports():
 
 def test_the_import_follower_sees_lazy_and_package_imports():
     quantize = local_imports("stages/quantize.py")
-    assert {"finetune/evaluation/sandbox.py", "finetune/params/core.py", "finetune/params/__init__.py",
+    assert {"finetune/evaluation/sandbox/judge.py", "finetune/params/core.py", "finetune/params/__init__.py",
             "finetune/__init__.py", "finetune/export/gptq_worker.py"} <= quantize  # a package's __init__, a program file
     assert "stages/evaluate.py" not in quantize and "finetune/params/train.py" not in quantize
 

@@ -1,13 +1,18 @@
-"""End-to-end: tiny HF Llama -> llama.cpp GGUF (f16, q8_0, q4_k_m) -> load, tokenize, score, generate."""
+"""End-to-end: tiny HF Llama -> llama.cpp GGUF (f16, q8_0, q4_k_m) -> load, tokenize, score, generate; and
+the converter driver's fixes and the generation settings on their own."""
+import dataclasses
+import json
 import math
 import random
+import subprocess
+import sys
 
 import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import GPTNeoXConfig, LlamaConfig
 
-llama_cpp = pytest.importorskip("llama_cpp")
-torch = pytest.importorskip("torch")
-
-from finetune.export import llamacpp  # noqa: E402  (stages/ is on pytest pythonpath)
+from finetune.export import llamacpp, llamacpp_convert
 
 CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -71,6 +76,7 @@ def _hf_ppl(model, hf_tok, texts):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    pytest.importorskip("llama_cpp")
     try:
         llamacpp.convert_script_dir()
     except FileNotFoundError as e:
@@ -133,3 +139,71 @@ def test_no_stray_temp_files(exported):
     files = exported[2]
     parent = files["f16"].parent
     assert not [p for p in parent.iterdir() if ".tmp" in p.name]
+
+
+def test_generate_takes_a_decoding_or_transformers_keywords(exported):
+    model, hf_tok, files = exported
+    ids = hf_tok("The quick brown fox", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=hf_tok.eos_token_id,
+                                  pad_token_id=hf_tok.pad_token_id)
+    lm = llamacpp.LlamaCppLM(files["f16"])
+    by_keywords = lm.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=hf_tok.eos_token_id,
+                              pad_token_id=hf_tok.pad_token_id, use_cache=True)
+    decoding = llamacpp.Decoding(max_new_tokens=6, stop_ids=frozenset({hf_tok.eos_token_id}),
+                                 pad_token_id=hf_tok.pad_token_id)
+    assert by_keywords.tolist() == lm.generate(ids, decoding=decoding).tolist() == expected.tolist()
+    with pytest.raises(TypeError, match="not both"):
+        lm.generate(ids, decoding=decoding, max_new_tokens=6)
+
+
+def test_decoding_from_transformers_keywords():
+    decoding = llamacpp.Decoding.from_generate_kwargs(max_new_tokens=4, eos_token_id=[2, 7, None], pad_token_id=None,
+                                                      use_cache=True, do_sample=True, temperature=0.8, top_p=0.9,
+                                                      num_return_sequences=3)
+    assert decoding == llamacpp.Decoding(max_new_tokens=4, stop_ids=frozenset({2, 7}), pad_token_id=0, do_sample=True,
+                                         temperature=0.8, top_p=0.9, num_return_sequences=3)
+    assert decoding.sampler() == {"temp": 0.8, "top_p": 0.9, "top_k": 0}
+    greedy = llamacpp.Decoding.from_generate_kwargs(eos_token_id=5, pad_token_id=1, do_sample=False)
+    assert greedy.stop_ids == {5} and greedy.pad_token_id == 1 and greedy.sampler() == {"temp": 0.0, "top_k": 1}
+    assert llamacpp.Decoding.from_generate_kwargs().stop_ids == frozenset()
+    with pytest.raises(TypeError, match="top_k"):  # would have been ignored silently: llama.cpp's top_k is fixed
+        llamacpp.Decoding.from_generate_kwargs(top_k=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        greedy.max_new_tokens = 9
+
+
+def byte_level_tokenizer(normalizer=None, **options) -> dict:
+    """A tokenizer.json as the tokenizers library writes it."""
+    tokenizer = Tokenizer(models.BPE())
+    if normalizer is not None:
+        tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(**{"add_prefix_space": False, "use_regex": True, **options})
+    return json.loads(tokenizer.to_str())
+
+
+def test_driver_maps_only_a_plain_gpt2_byte_level_tokenizer_to_gpt2():
+    assert llamacpp_convert.is_gpt2_byte_level(byte_level_tokenizer())
+    assert not llamacpp_convert.is_gpt2_byte_level(byte_level_tokenizer(add_prefix_space=True))
+    assert not llamacpp_convert.is_gpt2_byte_level(byte_level_tokenizer(use_regex=False))
+    assert not llamacpp_convert.is_gpt2_byte_level(byte_level_tokenizer(normalizers.NFC()))
+    metaspace = Tokenizer(models.BPE())
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert not llamacpp_convert.is_gpt2_byte_level(json.loads(metaspace.to_str()))
+
+
+def test_driver_gives_the_converter_gpt_neox_rotary_pct():
+    neox = GPTNeoXConfig(rotary_pct=0.25, hidden_size=64, num_attention_heads=4, num_hidden_layers=1).to_dict()
+    assert "rotary_pct" not in neox and llamacpp_convert.with_rotary_pct(neox)["rotary_pct"] == 0.25
+    llama = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1).to_dict()
+    assert llamacpp_convert.with_rotary_pct(dict(llama)) == llama
+
+
+def test_driver_runs_the_converter_by_path():
+    try:
+        script_dir = llamacpp.convert_script_dir()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    result = subprocess.run([sys.executable, str(llamacpp.DRIVER), str(script_dir), "--help"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "--outtype" in result.stdout, result.stderr[-2000:]

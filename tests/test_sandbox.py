@@ -3,13 +3,19 @@ evaluation goes on. Each escape is tried twice: with every layer, and with the P
 off (guard=False), so the OS layer (namespaces, read-only filesystem, rlimits, `nobody`) is shown
 to hold on its own where this machine provides it. Programs that try to fake their score fail and
 are reported suspicious, with either layer, while their honest twins pass."""
+import ast
+import collections
 import json
+import os
 import re
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 
 from finetune.evaluation import sandbox
+from finetune.evaluation.sandbox import candidate, codec, judge
 from conftest import ROOT
 from finetune.evaluation.task_metrics import coding_metrics
 
@@ -207,3 +213,195 @@ def test_the_coding_example_programs_pass_verified_and_their_broken_versions_fai
         good, broken = run(row["output"], tests=tests), run(re.sub(r"return .*", "return None", row["output"]), tests=tests)
         assert good.all_passed and all(good.verified) and not good.suspicious, (row["output"], good)
         assert not any(broken.passed) and not broken.suspicious, (row["output"], broken)
+
+
+# --------------------------------------------------------------------------- the program files on their own
+PLAIN = [None, True, False, 0, -7, (1 << 62) - 1, -(1 << 62) + 1, 1.5, -0.0, float("inf"), "", "héllo\n\x00", b"",
+         b"\x00\xff", 2 - 3j, [], (), set(), frozenset(), {}, [1, True, 2.5, "a"], (1, (2, (3,))), {3, "x"},
+         frozenset({1.5, b"y"}), {1: "one", (2, 3): [4], None: {"nested": {5}}, b"k": 2j},
+         [1 << 62, -(1 << 62), 10 ** 5000, -(10 ** 5000)], 10 ** 5000]
+
+
+def through_the_pipe(value):
+    """encode, the json that crosses the pipe, decode."""
+    return codec.decode(json.loads(json.dumps(codec.encode(value))))
+
+
+def same(a, b):
+    """Equal and of exactly the same types, all the way down."""
+    if type(a) is not type(b):
+        return False
+    if type(a) in (list, tuple):
+        return len(a) == len(b) and all(map(same, a, b))
+    if type(a) is dict:
+        return list(a) == list(b) and all(same(a[key], b[key]) for key in a)
+    return a == b
+
+
+@pytest.mark.parametrize("value", PLAIN, ids=lambda value: type(value).__name__)
+def test_codec_round_trips_plain_data_by_exact_type(value):
+    assert same(through_the_pipe(value), value), value
+
+
+def test_codec_sends_big_ints_as_hex_and_small_ones_as_they_are():
+    assert codec.encode((1 << 62) - 1) == (1 << 62) - 1 and codec.encode(1 << 62) == ["I", "4000000000000000"]
+    assert codec.encode(-(1 << 62)) == ["I", "-4000000000000000"]
+    assert codec.encode([1, 2, 1 << 70]) == ["L", 1, 2, ["I", format(1 << 70, "x")]]  # no fast path past the bound
+
+
+def test_codec_refuses_what_is_not_plain_data():
+    class Int(int):
+        pass
+
+    for value in (object(), Int(3), [1, Int(3)], {"key": print}, range(3), bytearray(b"x")):
+        with pytest.raises(codec.NotPlain):
+            codec.encode(value)
+    with pytest.raises(codec.NotPlain) as refused:
+        codec.encode(Int(3))
+    assert refused.value.args[0] is Int  # the type, for the candidate's answer
+    assert codec.encode([Int(3)], lambda value, depth: ["int", int(value)]) == ["L", ["int", 3]]
+
+
+def test_codec_limits_nesting_both_ways():
+    def nested(depth):
+        value = []
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    assert through_the_pipe(nested(100)) == nested(100)
+    with pytest.raises(codec.NotPlain, match="nested over 100 deep"):
+        codec.encode(nested(101))
+    deep = ["L"]
+    for _ in range(200):
+        deep = ["L", deep]
+    with pytest.raises(ValueError):
+        codec.decode(deep)
+
+
+@pytest.mark.parametrize("data", [[], ["X", 1], ["D", 1], ["I", 5], ["B", "zz"], ["C", 1, 2], {"a": 1}, [1, 2],
+                                  ["H", 0], ["H", -1]])
+def test_codec_decodes_strictly(data):
+    with pytest.raises(ValueError):
+        codec.decode(data)
+
+
+def test_codec_handles_refer_to_the_candidates_objects_only_where_it_keeps_them():
+    handles = [print, len]
+    assert codec.decode(["L", ["H", 1], ["H", 0]], handles) == [len, print]
+    with pytest.raises(ValueError):
+        codec.decode(["H", 1])
+
+
+def test_codec_frames_cross_a_pipe_whole_and_bounded():
+    read, write = os.pipe()
+    try:
+        codec.send(write, {"id": 1, "result": ["value", codec.encode([1, "two", b"3"])]})
+        message = codec.receive(read)
+        assert message["id"] == 1 and codec.decode(message["result"][1]) == [1, "two", b"3"]
+        codec.send(write, "x" * 100)
+        with pytest.raises(ValueError, match="oversized"):
+            codec.receive(read, limit=50)
+    finally:
+        os.close(write)
+        os.close(read)
+    read, write = os.pipe()
+    os.write(write, (10).to_bytes(4, "big") + b"[1,")  # the writer ended mid-frame
+    os.close(write)
+    with pytest.raises(EOFError):
+        codec.receive(read)
+    os.close(read)
+
+
+def test_importing_the_program_files_runs_nothing():
+    assert vars(sys.modules["__main__"])  # the candidate clears __main__ only when it runs
+    assert not hasattr(judge, "config") and not hasattr(candidate, "requests")
+    for name in ("judge.py", "candidate.py"):
+        text = sandbox.program(name)
+        assert text.startswith((Path(sandbox.__file__).parent / "codec.py").read_text())
+        compile(text, name, "exec")
+
+
+@pytest.mark.parametrize("test, judged", [("assert add(1, 2) == 3", True), ("assert x", True),
+                                          ("assert add(1, 2) == 3, 'message'", True), ("x = 1", False),
+                                          ("assert a; assert b", False), ("assert (", False), ("assert \0", False),
+                                          ("add(1, 2)", False), ("", False)])
+def test_judge_evaluates_a_test_itself_only_when_it_is_one_assert(test, judged):
+    node = judge.assertion(test)
+    assert (node is not None) == judged and (node is None or isinstance(node, ast.Assert))
+
+
+@pytest.mark.parametrize("test, modules", [("assert math.isclose(area(1), 3.14)", {"math"}),
+                                           ("assert re.match('a', f()) and string.digits", {"re", "string"}),
+                                           ("assert sorted(f()) == [1]", set()),
+                                           ("assert point.x == 1", set()),  # not a standard library module
+                                           ("assert copy.copy(f()) == copy(2)", set())])  # the program's `copy`
+def test_judge_binds_its_own_standard_library_modules(test, modules):
+    assert judge.module_names(judge.assertion(test)) == modules
+
+
+def test_judge_binds_the_candidates_answers_to_values_errors_and_stand_ins():
+    assert judge.bind("f()", ["value", ["L", 1, ["I", "ff"]]]) == [1, 255]
+    assert judge.bind("f()", ["items", [["value", 1], ["value", "a"]]]) == [1, "a"]
+    with pytest.raises(TypeError, match="unhashable"):  # raised as itself, for Python's own fallbacks
+        judge.bind("f()", ["raised", "TypeError: unhashable"])
+    with pytest.raises(judge.Raised, match="ZeroDivisionError: division by zero"):
+        judge.bind("f()", ["raised", "ZeroDivisionError: division by zero"])
+    for malformed in (["value"], ["value", ["X"]], ["object", "T", 1, 2, 3], ["verdict", True], "yes", None):
+        with pytest.raises(judge.Broken):
+            judge.bind("f()", malformed)
+
+
+def test_judge_never_asks_a_program_object_for_a_verdict():
+    point = judge.bind("Point(1)", ["object", "Point", False, 0, False])
+    assert type(point) is judge.Remote and repr(point) == "<Point of the program>"
+    for verdict in (lambda: point == 1, lambda: point != (1,), lambda: point < 2, lambda: bool(point)):
+        with pytest.raises(judge.NotPlain, match="Point object, not plain data"):
+            verdict()
+    with pytest.raises(judge.Unverifiable):
+        point == range(3)  # an object of the test's own: the candidate runs that test
+    with pytest.raises(judge.Unverifiable):
+        hash(point)
+    with pytest.raises(TypeError, match="not callable"):
+        point()
+
+
+def test_judge_reads_what_the_candidate_ran():
+    assert judge.ran(["ok"]) == "" and judge.ran(["raised", "NameError: x"]) == "NameError: x"
+    for malformed in (["raised"], ["raised", 1], ["fine"], True):
+        with pytest.raises(judge.Broken):
+            judge.ran(malformed)
+
+
+def test_candidate_answers_with_plain_values_or_handles():
+    Pair = collections.namedtuple("Pair", "a b")
+    assert candidate.answer(Pair(1, [2])) == ["value", ["T", 1, ["L", 2]]]  # a subclass travels as its base value
+    assert candidate.answer(collections.Counter("aab")) == ["value", ["D", "a", 2, "b", 1]]
+    kind, name, decides, handle, callable_ = candidate.answer(len)
+    assert (kind, name, decides, callable_) == ("object", "builtin_function_or_method", False, True)
+    assert candidate.handles[handle] is len
+    assert candidate.apply({"handle": handle, "op": "call", "args": ["L", "abc"], "kwargs": ["D"]}) == ["value", 3]
+    assert candidate.apply({"handle": handle, "op": "call", "args": ["L", 1], "kwargs": ["D"]})[0] == "raised"
+
+
+def test_candidate_flags_classes_of_the_program_that_decide_comparisons():
+    class Always(int):
+        __module__ = "candidate"  # defined by the program
+
+        def __eq__(self, other):
+            return True
+
+        __hash__ = int.__hash__
+
+    class Plain:
+        __module__ = "candidate"
+
+    assert candidate.decides(Always) and not candidate.decides(Plain) and not candidate.decides(int)
+    try:
+        assert candidate.answer(Always(3)) == ["value", 3]
+        assert candidate.suspects == ["the program returned a subclass of int with its own comparison"]
+    finally:
+        del candidate.suspects[:]
+    kind, name, decides, _, _ = candidate.answer(Plain())
+    assert kind == "object" and name.endswith("Plain") and decides is False
+    assert candidate.failure(ValueError("x" * 500)) == ("ValueError: " + "x" * 500)[:300]

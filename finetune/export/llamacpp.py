@@ -16,58 +16,18 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from finetune.runtime.env import VERBOSE
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_VAR = "LLAMACPP_CONVERT_DIR"
 DEFAULT_CONVERT_DIR = Path(sys.prefix) / "llama.cpp"  # installed into the venv by scripts/install_llamacpp.sh
 
-# Runs inside a fresh interpreter: argv = [script_dir, <convert_hf_to_gguf.py args>...].
-# convert_hf_to_gguf.py identifies BPE pre-tokenizers by hashing the token ids of a fixed string; a
-# freshly trained vocab has an unknown hash, so it raises NotImplementedError. Our tokenizer is a plain
-# GPT-2 byte-level BPE (ByteLevel pre-tokenizer with the GPT-2 regex, no normalizer), which is exactly
-# llama.cpp's "gpt-2" pre-tokenizer. Only in that verified case is the unknown hash mapped to "gpt-2";
-# every known hash still goes through llama.cpp's own table, anything else still fails loudly.
-_DRIVER = r"""
-import json, logging, sys
-d = sys.argv[1]
-sys.path[:0] = [d, d + "/gguf-py"]
-import convert_hf_to_gguf as cv
-from conversion.base import TextModel
-orig = TextModel.get_vocab_base_pre
-def get_vocab_base_pre(self, tokenizer):
-    tj = json.loads((self.dir_model / "tokenizer.json").read_text(encoding="utf-8"))
-    pt = tj.get("pre_tokenizer") or {}
-    if not (tj.get("normalizer") is None and pt.get("type") == "ByteLevel"
-            and pt.get("use_regex", True) and not pt.get("add_prefix_space", False)):
-        return orig(self, tokenizer)
-    lg = logging.getLogger("hf-to-gguf"); lvl = lg.level
-    lg.setLevel(logging.ERROR)  # hide the "not recognized" banner for this verified case
-    try:
-        return orig(self, tokenizer)
-    except NotImplementedError:
-        print("llamacpp driver: unknown BPE hash, GPT-2 byte-level pre-tokenizer -> 'gpt-2'", file=sys.stderr)
-        return "gpt-2"
-    finally:
-        lg.setLevel(lvl)
-TextModel.get_vocab_base_pre = get_vocab_base_pre
-# transformers 5 saves GPT-NeoX's rotary_pct as rope_parameters.partial_rotary_factor; the converter reads rotary_pct
-from conversion.base import ModelBase
-orig_load_hparams = ModelBase.load_hparams
-def load_hparams(*args, **kwargs):
-    hparams = orig_load_hparams(*args, **kwargs)
-    rope = hparams.get("rope_parameters") or {}
-    if hparams.get("model_type") == "gpt_neox" and "rotary_pct" not in hparams and "partial_rotary_factor" in rope:
-        hparams["rotary_pct"] = rope["partial_rotary_factor"]
-    return hparams
-ModelBase.load_hparams = staticmethod(load_hparams)
-sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
-cv.main()
-"""
+# The driver around llama.cpp's convert_hf_to_gguf.py (its two fixes are in its docstring), run by path
+DRIVER = Path(__file__).with_name("llamacpp_convert.py")
 
 # llama_ftype values (llama.h)
 QTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10,
@@ -100,7 +60,7 @@ def hf_to_gguf(model_dir, out_path, outtype: str = "f16", script_dir=None, timeo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_for(out)
     name = model_name or json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") or Path(model_dir).name
-    cmd = [sys.executable, "-c", _DRIVER, str(d), str(model_dir), "--outfile", str(tmp), "--outtype", outtype,
+    cmd = [sys.executable, str(DRIVER), str(d), str(model_dir), "--outfile", str(tmp), "--outtype", outtype,
            "--model-name", name]
     env = {**os.environ, "NO_LOCAL_GGUF": "1"}  # the driver puts the vendored gguf-py first itself
     log.info("converting %s -> %s (%s)", model_dir, out.name, outtype)
@@ -234,6 +194,41 @@ def tensor_types(gguf_path) -> dict[str, int]:
     return dict(sorted(Counter(tensor.tensor_type.name for tensor in GGUFReader(str(gguf_path)).tensors).items()))
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How LlamaCppLM.generate picks tokens and when it stops: transformers' generate() arguments of the same
+    names, except `stop_ids` (eos_token_id: one id or a list) and a pad id that is never None."""
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0
+    stop_ids: frozenset[int] = frozenset()
+    pad_token_id: int = 0
+    do_sample: bool = False  # greedy unless set; then temperature and top_p
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+
+    @classmethod
+    def from_generate_kwargs(cls, eos_token_id=None, pad_token_id=None, **kwargs) -> Decoding:
+        """From transformers-style keywords, as evaluation passes them; any other is an error, not ignored."""
+        known = {field.name for field in fields(cls)} - {"stop_ids", "pad_token_id"}
+        if unknown := sorted(set(kwargs) - known - MOOT):
+            raise TypeError(f"LlamaCppLM.generate got {', '.join(unknown)}: it takes eos_token_id, pad_token_id "
+                            f"and {', '.join(sorted(known))} (and ignores {', '.join(sorted(MOOT))})")
+        stops = frozenset(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]) - {None}
+        return cls(stop_ids=stops, pad_token_id=0 if pad_token_id is None else pad_token_id,
+                   **{name: value for name, value in kwargs.items() if name not in MOOT})
+
+    def sampler(self) -> dict:
+        """llama.cpp's sampling arguments."""
+        if self.do_sample:
+            return {"temp": self.temperature, "top_p": self.top_p, "top_k": 0}
+        return {"temp": 0.0, "top_k": 1}
+
+
+# generate() keywords that mean nothing to llama.cpp: it always keeps its KV cache, and has no segment ids
+MOOT = frozenset({"use_cache", "token_type_ids"})
+
+
 class LlamaCppLM:
     """A GGUF model in llama.cpp, answering like a transformers causal LM (batch of token ids in, torch out).
 
@@ -269,40 +264,37 @@ class LlamaCppLM:
             self.argmax_by_sequence[tuple(ids)] = scores.argmax(-1).tolist()
         return types.SimpleNamespace(logits=logits)
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, min_new_tokens: int = 0,
-                 eos_token_id=None, pad_token_id=None, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, num_return_sequences: int = 1, **_):
-        """Like transformers: each prompt row (as given, padding kept) followed by its new tokens, then pad."""
+    def generate(self, input_ids, attention_mask=None, decoding: Decoding | None = None, **generate_kwargs):
+        """Like transformers: each prompt row (as given, padding kept) followed by its new tokens, then pad.
+        Takes a Decoding, or transformers' keyword arguments (max_new_tokens=..., eos_token_id=...)."""
         import torch
 
-        stops = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]) - {None}
+        if decoding is not None and generate_kwargs:
+            raise TypeError("LlamaCppLM.generate: pass a Decoding or keyword arguments, not both")
+        decoding = decoding or Decoding.from_generate_kwargs(**generate_kwargs)
         # sampling reads the context's last logits: skip every position's, as a deployed llama.cpp does
         self.llm._logits_all = False
         try:
-            rows = self._generate(input_ids, attention_mask, max_new_tokens, min_new_tokens, stops, do_sample,
-                                  temperature, top_p, num_return_sequences)
+            rows = self._generate(input_ids, attention_mask, decoding)
         finally:
             self.llm._logits_all = True
-        pad = pad_token_id if pad_token_id is not None else 0
         width = max(len(row) for row in rows)
-        return torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+        return torch.tensor([row + [decoding.pad_token_id] * (width - len(row)) for row in rows])
 
-    def _generate(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, stops, do_sample, temperature,
-                  top_p, num_return_sequences) -> list[list[int]]:
+    def _generate(self, input_ids, attention_mask, decoding: Decoding) -> list[list[int]]:
         rows = []
         for row in range(input_ids.shape[0]):
             ids = self._ids(input_ids, attention_mask, row)
-            for sample in range(num_return_sequences):
+            for sample in range(decoding.num_return_sequences):
                 self.llm.reset()
                 self.llm.set_seed(sample)
                 new: list[int] = []
-                sampling = {"temp": temperature, "top_p": top_p, "top_k": 0} if do_sample else {"temp": 0.0, "top_k": 1}
-                for token in self.llm.generate(ids, repeat_penalty=1.0, min_p=0.0, **sampling):
-                    if token in stops and len(new) >= min_new_tokens:
+                for token in self.llm.generate(ids, repeat_penalty=1.0, min_p=0.0, **decoding.sampler()):
+                    if token in decoding.stop_ids and len(new) >= decoding.min_new_tokens:
                         new.append(token)
                         break
                     new.append(token)
-                    if len(new) >= max_new_tokens or len(ids) + len(new) >= self.llm.n_ctx():
+                    if len(new) >= decoding.max_new_tokens or len(ids) + len(new) >= self.llm.n_ctx():
                         break
                 rows.append(input_ids[row].tolist() + new)
         return rows
