@@ -1,4 +1,5 @@
-# Two commands: `make run` (the default pipeline) and `make test` (the test suite).
+# Two commands: `make run` (the default pipeline) and `make test` (the fast tier of the tests: everything but the
+# end-to-end runs of the real dvc and the model-family matrix, ~6 min); `make test-all` runs every test (CI).
 # Each creates .venv and installs the pinned dependencies on first use; an up-to-date
 # .venv is detected by a stamp file and skipped.
 PYTHON ?= python3.11
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test install clean
+.PHONY: run test test-all install clean
 
 install: $(STAMP)
 
@@ -24,6 +25,9 @@ run: $(STAMP)
 	dvc repro
 
 test: $(STAMP)
+	python -m pytest -q -p no:cacheprovider -m "not e2e" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
 	python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:

@@ -3,7 +3,7 @@
 Builds a Qwen2-family tiny model (scripts/family_models.py: 9.8M parameters, most of them the 151,936 x 64
 embedding, the real Qwen2 tokenizer and chat template), renders `--rows` support tickets from data/raw as
 formatted test rows, and runs `quantize.quantize` (the stage's pure core: load the merged model, score it,
-export and score each GGUF) in a fresh process for each version of stages/: the committed one (`--rev`,
+export and score each GGUF) in a fresh process for each version of the code (stages/ and finetune/): the committed one (`--rev`,
 extracted with `git archive` into a temp folder and put first on sys.path) and the working tree. Peak RSS
 is that process's high-water mark including its children (the GGUF converter), from wait4(). The scores
 must come out the same (perplexity to 1e-6 relative, top-1 agreement, task metrics).
@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def formatted_rows(tokenizer, count: int) -> list[dict]:
-    """Rows as the format stage writes them: chat prompt, loss on the answer and its end of turn."""
-    rows = []
+def ticket_records(count: int) -> list[dict]:
+    """The first `count` well-formed support tickets as normalised chat records (what ingest writes)."""
+    records = []
     for line in (ROOT / "data" / "raw" / "support_tickets.jsonl").read_bytes().decode(errors="replace").splitlines():
         try:  # the raw file has planted malformed lines
             ticket = json.loads(line)
@@ -37,45 +37,48 @@ def formatted_rows(tokenizer, count: int) -> list[dict]:
         if not (isinstance(ticket, dict) and all(isinstance(ticket.get(key), str) and ticket[key]
                                                  for key in ("instruction", "input", "output"))):
             continue
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{ticket['instruction']}\n\n{ticket['input']}"}],
-                                               tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(ticket["output"] + tokenizer.eos_token + "\n", add_special_tokens=False)["input_ids"]
-        rows.append({"id": f"t{len(rows)}", "prompt": prompt, "reference": ticket["output"],
-                     "input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids})
-        if len(rows) == count:
-            return rows
-    return rows
+        records.append({"id": f"t{len(records)}", "messages": [
+            {"role": "user", "content": f"{ticket['instruction']}\n\n{ticket['input']}"},
+            {"role": "assistant", "content": ticket["output"]}]})
+        if len(records) == count:
+            break
+    return records
 
 
-def child(stages: str, spec_path: str) -> None:
-    """One measured run: the quantize core of the stages/ folder given, on the spec's model and rows."""
-    sys.path.insert(0, stages)
+def child(root: str, spec_path: str) -> None:
+    """One measured run: the quantize core of the code in the repository folder given, on the spec's model and rows."""
+    sys.path.insert(0, root)
     spec = json.loads(Path(spec_path).read_text())
     import torch
     from transformers import AutoTokenizer
 
     torch.set_num_threads(spec["threads"])
+    from stages import format as fmt
     from stages import quantize
     from finetune.params.core import section
 
-    rows = formatted_rows(AutoTokenizer.from_pretrained(spec["model"]), spec["rows"])
+    # rows as the format stage writes them: chat prompt, loss on the answer and its end of turn
+    rows = fmt.formatted_rows(AutoTokenizer.from_pretrained(spec["model"]), ticket_records(spec["rows"]), section("format"))
 
-    cfg = section("quantize", speed_new_tokens=8)
+    cfg = section("quantize", formats=spec["formats"], speed_new_tokens=8, max_eval_rows=None)  # every row, as before
     eval_cfg = section("evaluate", general={"tasks": []})
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as out:
-        report = quantize.quantize(spec["model"], spec["formats"], out, rows, rows, cfg, eval_cfg, spec["threads"])
+        if hasattr(quantize, "QuantizeJob"):
+            report = quantize.quantize(quantize.QuantizeJob(Path(spec["model"]), Path(out), rows, rows, cfg, eval_cfg,
+                                                            spec["threads"]))
+        else:  # committed code from before the typed record
+            report = quantize.quantize(spec["model"], spec["formats"], out, rows, rows, cfg, eval_cfg, spec["threads"])
     Path(spec["result"]).write_text(json.dumps({"report": report, "seconds": time.perf_counter() - started,
                                                 "rows": len(rows), "longest": max(len(row["input_ids"]) for row in rows)}))
 
 
-def measure(stages: Path, spec: dict, scratch: Path, label: str) -> dict:
+def measure(root: Path, spec: dict, scratch: Path, label: str) -> dict:
     spec = {**spec, "result": str(scratch / f"{label}.json")}
     (scratch / f"{label}.spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": ""}
-    process = subprocess.Popen([sys.executable, __file__, "--child", str(stages), str(scratch / f"{label}.spec.json")],
+    process = subprocess.Popen([sys.executable, __file__, "--child", str(root), str(scratch / f"{label}.spec.json")],
                                env=env, stdout=subprocess.DEVNULL, stderr=open(scratch / f"{label}.log", "w"))
     _, status, usage = os.wait4(process.pid, 0)
     if status:
@@ -103,8 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=48, help="formatted test rows")
     parser.add_argument("--formats", nargs="+", default=["gguf_q8_0"])
-    parser.add_argument("--rev", default="ef37139", help="the committed code to compare with (default: the last commit "
-                        "before scoring kept only the logits it needs)")
+    parser.add_argument("--rev", default="HEAD", help="the committed code to compare with (default: HEAD; a commit from 38662d9 on: "
+                        "the layout with finetune/)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -119,18 +122,18 @@ def main() -> None:
         spec = {"model": str(model), "rows": args.rows, "formats": args.formats, "threads": args.threads}
         committed = scratch / "committed"
         committed.mkdir()
-        archive = subprocess.run(["git", "archive", args.rev, "stages", "params.yaml"], cwd=ROOT, check=True,
+        archive = subprocess.run(["git", "archive", args.rev, "stages", "finetune", "params.yaml"], cwd=ROOT, check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(committed)], input=archive, check=True)
         commit = subprocess.run(["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         vocabulary = json.loads((model / "config.json").read_text())["vocab_size"]
         print(f"quantize core on a Qwen2-family tiny model ({parameters / 1e6:.1f}M parameters, {vocabulary:,}-row "
               f"output layer), formats {' '.join(args.formats)}, {args.threads} thread(s), {os.cpu_count()} CPUs")
-        before = measure(committed / "stages", spec, scratch, "committed")
+        before = measure(committed, spec, scratch, "committed")
         print(f"  {before['rows']} test rows, the longest {before['longest']} tokens")
         name = commit if args.rev.startswith(commit) else f"{args.rev} = {commit}"
         print(f"  committed code ({name}): peak RSS {before['peak_rss_mb']:,.0f} MiB, {before['seconds']:.0f} s")
-        after = measure(ROOT / "stages", spec, scratch, "working")
+        after = measure(ROOT, spec, scratch, "working")
         print(f"  working tree:             peak RSS {after['peak_rss_mb']:,.0f} MiB, {after['seconds']:.0f} s")
     problems = same_scores(before["report"], after["report"])
     print(f"  peak RSS {after['peak_rss_mb'] / before['peak_rss_mb']:.2f}x the committed code's; scores "

@@ -33,7 +33,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import family_matrix  # noqa: E402  (copy_repo: this working tree as a fresh clone)
+from repo_tools import tracked_copy  # noqa: E402
 STAGES = [("base", ["-m", "stages.base"]), ("ingest", ["-m", "stages.ingest"]), ("dedup_filter", ["-m", "stages.dedup_filter"]),
           ("format", ["-m", "stages.format"]), ("train", ["-m", "stages.train"]),
           ("evaluate_base", ["-m", "stages.evaluate", "base"]), ("evaluate", ["-m", "stages.evaluate"]),
@@ -107,7 +107,7 @@ def main() -> None:
                        check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         parameters = json.loads((model / "family.json").read_text())["parameters"]
         bf16_mb = parameters * 2 / 2**20
-        repo = family_matrix.copy_repo(scratch / "repo")
+        repo = tracked_copy(scratch / "repo")
         params = small_run(yaml.safe_load((repo / "params.yaml").read_text()), model, args)
         params["threads"] = args.threads
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

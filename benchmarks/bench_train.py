@@ -61,11 +61,13 @@ def trl_baseline(base_dir, rows, cfg, steps: int, gradient_checkpointing: bool) 
 
 
 def ours(base_dir, rows, cfg, steps: int) -> tuple[float, float]:
+    from finetune.training.trainer import RunFiles, TrainData
     from stages import train
 
     with tempfile.TemporaryDirectory() as scratch:
         cfg = cfg.model_copy(update={"max_steps": steps, "checkpoint_steps": 0, "logging_steps": 10})
-        _, _, metrics = train.fit(base_dir, rows, [], cfg, 0, Path(scratch) / "ck", {}, Path(scratch) / "plots")
+        run = RunFiles(checkpoint_dir=Path(scratch) / "ck", live_dir=Path(scratch) / "plots", fingerprint={})
+        _, _, metrics = train.fit(base_dir, TrainData(train=rows, eval=[]), cfg, 0, run)
     return metrics["tokens_per_second"], metrics["padding_fraction"]
 
 

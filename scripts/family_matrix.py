@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 import family_models  # noqa: E402
+from repo_tools import ran, sh, tracked_copy  # noqa: E402
+
+from finetune.params.core import apply_overrides  # noqa: E402
 
 # Small knobs: every stage and code path runs, on a few rows and steps. A family without a chat template
 # of its own (GPT-NeoX) uses the alpaca template; quality checks are off (random weights: no signal).
@@ -53,33 +53,6 @@ TEXTS = ["Hello world", " leading space", "  two  spaces\nand a newline\n\n", "c
          "3.14159 and 12345678", "\ttab\t", "def f():\n        return 1"]
 CONVERSATION = [{"role": "user", "content": "My parcel never arrived — where is it? ¿Dónde está?"},
                 {"role": "assistant", "content": "shipping"}]
-BIN = str(Path(sys.executable).parent)
-
-
-def sh(repo, *args, env=None) -> subprocess.CompletedProcess:
-    """A command (dvc, git) in `repo` with this venv first on PATH; fails with its output."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
-           "GIT_AUTHOR_NAME": "matrix", "GIT_AUTHOR_EMAIL": "matrix@localhost", "GIT_COMMITTER_NAME": "matrix",
-           "GIT_COMMITTER_EMAIL": "matrix@localhost", **(env or {})}
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, args))} failed in {repo}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w:]+)'", output))
-
-
-def copy_repo(destination: Path) -> Path:
-    """This repo as git sees it (tracked and untracked, not ignored): a fresh clone of the working tree."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                           capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, destination / name)
-    return destination
 
 
 def gptq_group_size(model_dir: Path) -> int:
@@ -101,13 +74,7 @@ def configure(repo: Path, family: str, model_dir: Path, knobs: dict | None = Non
                 "quantize.gptq.group_size": gptq_group_size(model_dir), **(knobs or {})}
     for source in params["ingest"]["sources"]:
         source["max_rows"] = ROWS_PER_SOURCE
-    for dotted, value in settings.items():
-        *path, last = dotted.split(".")
-        section = params
-        for key in path:
-            section = section[key]
-        section[last] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, settings), sort_keys=False))
 
 
 def init(repo: Path) -> None:
@@ -256,7 +223,7 @@ def main() -> None:
         work = args.work / family
         shutil.rmtree(work, ignore_errors=True)
         model_dir = family_models.build(family, work / "model", args.size)
-        repo = copy_repo(work / "repo")
+        repo = tracked_copy(work / "repo")
         configure(repo, family, model_dir, {"train.max_steps": 20} if args.size != "tiny" else None)
         init(repo)
         for method, run, expected in (("lora", run_lora, STAGES), ("qlora", run_qlora, AFTER_TRAIN)):

@@ -37,20 +37,28 @@ FILLER = ("please note that I have tried to resolve this myself several times ov
 
 
 def rows_for(tokenizer, count: int, target_tokens: int, seed: int) -> list[dict]:
-    """Chat-formatted routing rows of about `target_tokens` tokens, loss on the answer only (as format writes)."""
-    rng, rows = random.Random(seed), []
+    """Routing rows of at most `target_tokens` tokens (the ticket text cut to fit), formatted by the format
+    stage: chat template, loss on the answer only."""
+    from finetune.params.core import section
+    from stages import format as fmt
+
+    def record(index: int, label: str, text: str) -> dict:
+        return {"id": f"row-{index}", "messages": [{"role": "user", "content": f"Route this ticket: {text}"},
+                                                   {"role": "assistant", "content": label}]}
+
+    cfg = section("format", max_seq_len=target_tokens)
+    frame = max(len(row["input_ids"]) for row in fmt.formatted_rows(tokenizer, [record(0, label, "") for label in TOPICS], cfg))
+    room = target_tokens - frame - 2  # the ticket's own tokens; 2 spare for merges at its edges
+    if room < 4:
+        raise SystemExit(f"gpu_check: --tokens {target_tokens} leaves no room for a ticket (the template takes {frame})")
+    rng, records = random.Random(seed), []
     labels = list(TOPICS)
     for index in range(count):
         label = labels[index % len(labels)]
         words = rng.randint(target_tokens // 3, target_tokens * 2 // 3)
         text = f"{TOPICS[label]}, " + " ".join(rng.choice(FILLER) for _ in range(words))
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"Route this ticket: {text}"}],
-                                               tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][:target_tokens - 8]
-        answer_ids = tokenizer(label + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        rows.append({"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids,
-                     "prompt": tokenizer.decode(prompt_ids), "reference": label, "id": f"row-{index}"})
-    return rows
+        records.append(record(index, label, tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:room])))
+    return fmt.formatted_rows(tokenizer, records, cfg)
 
 
 def bitsandbytes_missing() -> str | None:
@@ -79,10 +87,10 @@ def awq_row(merged: Path, train_rows: list[dict], test_rows: list[dict], placeme
 
     cfg = section("quantize", formats=["awq"])
     clock = time.time()
-    report = quantize.quantize(merged, ["awq"], out, test_rows, train_rows, cfg,
-                               section("evaluate", batch_size=16, max_new_tokens=4), threads=1, placement=placement)
+    report = quantize.quantize(quantize.QuantizeJob(merged, out, test_rows, train_rows, cfg,
+                                                    section("evaluate", batch_size=16, max_new_tokens=4), 1, placement))
     awq = report["awq"]
-    return {"run": f"quantize awq (merged, {cfg.awq.bits}-bit, group {cfg.awq.group_size})",
+    return {"run": f"quantize awq (merged, {cfg.awq.bits}-bit, group {awq['group_size']})",
             "seconds": round(time.time() - clock, 1), "tokens_per_second": awq["tokens_per_second"],
             "result": f"perplexity {awq['perplexity_drop_percent']:+.2f}%, top-1 agreement {awq['top1_agreement']:.3f}, "
                       f"size x{awq['size_ratio']:.2f}, accuracy {awq['task.accuracy']:.3f}",
@@ -159,6 +167,7 @@ def main() -> int:
     from stages import train
     from finetune.runtime.stage import configure_logging
     from finetune.params.core import section
+    from finetune.training.trainer import RunFiles, TrainData
 
     configure_logging()
     cuda = torch.cuda.is_available() and not args.dry_run
@@ -198,8 +207,9 @@ def main() -> int:
                       qlora={"compute_dtype": "bfloat16" if cuda else "float32"})
         free()
         clock = time.time()
-        trainer, trained_tokenizer, metrics = train.fit(base, train_rows, eval_rows, cfg, 0, work / f"checkpoints-{method}",
-                                                        {}, work / f"plots-{method}", placement=placement)
+        run = RunFiles(checkpoint_dir=work / f"checkpoints-{method}", live_dir=work / f"plots-{method}", fingerprint={})
+        trainer, trained_tokenizer, metrics = train.fit(base, TrainData(train=train_rows, eval=eval_rows), cfg, 0, run,
+                                                        placement=placement)
         seconds = time.time() - clock
         if method == "lora":
             adapter = work / "adapter"
@@ -218,7 +228,7 @@ def main() -> int:
             merge_cfg = section("merge")
             dtype = placement.dtype if cuda else "float32"
             clock = time.time()
-            report = merge.merge(base, work / "adapter", dtype, getattr(merge_cfg.atol, dtype), work / "merged",
+            report = merge.merge(base, work / "adapter", dtype, getattr(merge_cfg.rtol, dtype), work / "merged",
                                  merge_cfg.max_shard_size, where=placement.device)
             results.append({"run": f"merge (lora, {dtype})", "seconds": round(time.time() - clock, 1),
                             "result": f"max logit diff {report['max_logit_diff_vs_adapter']:.3g} vs adapter",

@@ -30,25 +30,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="params as dotted.key=value, e.g. train.method=qlora")
     args = parser.parse_args(argv)
 
-    import yaml
-
     from finetune import ROOT
     from finetune.runtime.files import read_jsonl
     from finetune.runtime.stage import configure_logging
-    from finetune.params.core import PARAMS_FILE, merge, read_yaml, validate
+    from finetune.params.core import PARAMS_FILE, apply_overrides, read_yaml, validate
     from finetune.params.train import Train
 
     configure_logging()
-    params = read_yaml(PARAMS_FILE)
-    for override in args.overrides:
-        key, _, value = override.partition("=")
-        tree: dict = {}
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-        params = merge(params, tree)
+    params = apply_overrides(read_yaml(PARAMS_FILE), args.overrides)
     if args.readme:
         print(readme_table(params))
         return

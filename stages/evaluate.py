@@ -5,8 +5,9 @@
 when the base, the test data or the params that change its numbers change) into
 `metrics/eval_base.json`; `python -m stages.evaluate` scores the fine-tuned model and writes
 `metrics/eval.json`: every metric for both models side by side (`task.*`, `base.task.*`) and the
-change (`delta.*`), perplexity, and the forgetting check (`general.*`: lm-eval tasks scored
-before and after, failing or warning past `evaluate.general.max_drop`).
+change (`delta.*`), perplexity, and the forgetting check (`general.*`: lm-eval tasks, and coding
+problem files such as HumanEval judged in the sandbox, scored before and after, failing or warning
+past `evaluate.general.max_drop`).
 
 `scoring.evaluate_model(model, tokenizer, rows, cfg)` is the core shared with the merged and quantized
 models; the metric functions themselves live in task_metrics.py, the code sandbox in sandbox.py.
@@ -31,8 +32,10 @@ from finetune.runtime.env import offline_by_default, seed_everything
 from finetune.runtime.files import read_jsonl, require_complete, write_json, write_text
 from finetune.runtime.stage import setup
 from finetune.params.evaluate import Evaluate
-from finetune.evaluation.scoring import LOGITS_BUDGET_BYTES, evaluate_model, label_choices
-from finetune.evaluation.task_metrics import UNPARSEABLE, normalise_label, parse_label, per_class_report
+from finetune.data.sources import CODE_FIELDS, BadRow, coding_record, coding_shape, read_jsonl_rows
+from finetune.evaluation.scoring import (LOGITS_BUDGET_BYTES, evaluate_model, generate_code, label_choices,
+                                         program_outcomes)
+from finetune.evaluation.task_metrics import UNPARSEABLE, coding_metrics, normalise_label, parse_label, per_class_report
 
 log = logging.getLogger("finetune.evaluate")
 
@@ -45,7 +48,6 @@ BASE_METRICS = ROOT / "metrics" / "eval_base.json"
 EXAMPLES = ROOT / "metrics" / "examples.json"
 CONFUSION = ROOT / "metrics" / "confusion.csv"
 BASE_CONFUSION = ROOT / "metrics" / "confusion_base.csv"
-IGNORE = -100
 GENERAL_TOKENS_PER_ROW = 128  # what one lm-eval request is assumed to hold when its batch is bounded by the budget
 
 
@@ -66,11 +68,13 @@ def local_tasks() -> set[str]:
 
 
 def general_scores(model, tokenizer, cfg, batch_size: int) -> tuple[dict, set[str]]:
-    """lm-eval scores of `evaluate.general.tasks` on this very model object: `general.<task>.<metric>`,
-    and the keys where lower is better. Only tasks outside data/general need the harness's built-in
+    """lm-eval scores of `evaluate.general.tasks` (the coding tasks aside) on this very model object:
+    `general.<task>.<metric>`, and the keys where lower is better. Only tasks outside data/general need the harness's built-in
     index (~5 s to build) and, usually, the network. lm-eval computes every position's logits (and their
     log-softmax), so its batch is bounded by the scoring budget too."""
-    if not cfg.tasks:
+    coding = set(coding_tasks(cfg.tasks))
+    tasks = [task for task in cfg.tasks if task not in coding]
+    if not tasks:
         return {}, set()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -80,10 +84,10 @@ def general_scores(model, tokenizer, cfg, batch_size: int) -> tuple[dict, set[st
 
     per_row = GENERAL_TOKENS_PER_ROW * vocab_size(model) * 8  # float32 logits and their log-softmax
     batch_size = max(1, min(batch_size, LOGITS_BUDGET_BYTES // per_row))
-    manager = TaskManager(include_path=str(GENERAL), include_defaults=not set(cfg.tasks) <= local_tasks())
+    manager = TaskManager(include_path=str(GENERAL), include_defaults=not set(tasks) <= local_tasks())
     with contextlib.chdir(ROOT):  # a local task's data_files are relative to the repository root
         results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
-                                          tasks=list(cfg.tasks), task_manager=manager, limit=cfg.limit,
+                                          tasks=tasks, task_manager=manager, limit=cfg.limit,
                                           bootstrap_iters=0, log_samples=False, verbosity="ERROR")
     scores, lower = {}, set()
     for task, values in results["results"].items():
@@ -97,6 +101,51 @@ def general_scores(model, tokenizer, cfg, batch_size: int) -> tuple[dict, set[st
             if results.get("higher_is_better", {}).get(task, {}).get(metric) is False:
                 lower.add(name)
     return scores, lower
+
+
+def coding_tasks(names) -> list[str]:
+    """The tasks of `evaluate.general.tasks` that are coding problems rather than lm-eval tasks:
+    data/general/<name>.jsonl in HumanEval or MBPP format, with no task file of that name."""
+    local = local_tasks()
+    return [name for name in names if name not in local and (GENERAL / f"{name}.jsonl").is_file()]
+
+
+def coding_problems(path, count, tokenizer, template: str) -> list[dict]:
+    """The first `count` (None: all) problems of a HumanEval or MBPP file as scoring's rows, the chat prompt
+    rendered with the training template (without format.system_prompt); a bad row stops the stage."""
+    rows = []
+    for line, raw in read_jsonl_rows(path):
+        if count is not None and len(rows) >= count:
+            break
+        try:
+            if isinstance(raw, BadRow):
+                raise raw
+            shape = coding_shape(raw) if isinstance(raw, dict) else None
+            if shape is None:
+                raise BadRow("not a HumanEval row (prompt, test, entry_point) nor an MBPP row (text, test_list)")
+            record = coding_record(raw, shape)
+        except BadRow as exc:
+            where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+            raise SystemExit(f"evaluate.general.tasks: {where} line {line}: {exc}") from None
+        prompt = tokenizer.apply_chat_template(record["messages"][:1], chat_template=template, tokenize=False,
+                                               add_generation_prompt=True)
+        rows.append({"id": f"{path.stem}:{line}", "prompt": prompt, **{key: record[key] for key in CODE_FIELDS
+                                                                        if key in record}})
+    return rows
+
+
+def general_coding_scores(model, tokenizer, cfg, template_path) -> dict:
+    """`general.<task>.pass@1` of each coding task of `evaluate.general.tasks`: greedy, on its first
+    `evaluate.coding.general_problems` problems, generated and judged as the coding task is (a chat prompt
+    in the template of `template_path`, the one training used)."""
+    scores = {}
+    for name in coding_tasks(cfg.general.tasks):
+        template = template_path.read_text(encoding="utf-8")
+        rows = coding_problems(GENERAL / f"{name}.jsonl", cfg.coding.general_problems, tokenizer, template)
+        texts = generate_code(model, tokenizer, rows, cfg.coding, cfg.coding.general_max_new_tokens, cfg.batch_size, 1)
+        passed = coding_metrics(program_outcomes(texts, rows, tokenizer, cfg.coding, 1), [1])["pass@1"]
+        scores[f"general.{name}.pass@1"] = round(passed, 5)
+    return scores
 
 
 def forgetting(scores: dict, base: dict, lower: set[str]) -> dict[str, float]:
@@ -190,6 +239,7 @@ def main() -> None:
     model, tokenizer = load(BASE, ADAPTER if which == "adapter" else None, placement)
     metrics, outputs = evaluate_model(model, tokenizer, rows, cfg)
     scores, lower = general_scores(model, tokenizer, cfg.general, cfg.batch_size)
+    scores.update(general_coding_scores(model, tokenizer, cfg, DATA / "template.jinja"))
     metrics.update(scores)
     pairs: list = []
     if cfg.task == "classification":
@@ -209,7 +259,9 @@ def main() -> None:
     report.update(test_rows=len(rows), seed=params.seed)
     write_json(METRICS, report)
     write_confusion(CONFUSION, pairs)
-    write_json(EXAMPLES, [{"input": row["prompt"], "reference": row["reference"], "base": base_output, "finetuned": output}
+    completion = cfg.task == "coding" and cfg.coding.prompting == "completion"
+    shown = "code_prompt" if completion else "prompt"  # the text the model continued
+    write_json(EXAMPLES, [{"input": row[shown], "reference": row["reference"], "base": base_output, "finetuned": output}
                           for row, base_output, output in list(zip(rows, base["outputs"], outputs))[:cfg.num_examples]])
     log.info("evaluate done: %s; base: %s (metrics/eval.json)", headline(metrics), headline(base["metrics"]))
     verdict = drop_verdict(drops, cfg.general)

@@ -3,10 +3,10 @@
 Output per row: `input_ids`, `labels` (-100 except on assistant turns, unless
 `format.train_on_prompt`), and for eval/test the rendered `prompt` and the `reference` answer
 that evaluate uses, so training and evaluation see exactly the same template and special
-tokens. A fingerprint of template + special tokens is written beside the data and checked
-downstream. Training rows are repeated by their source `weight` and, when `format.augment` is
-on, joined by variants (instruction templates, system prompts, or a generator's paraphrase).
-Counts go to `metrics/format.json`.
+tokens; a coding row keeps its tests as data (sources.CODE_FIELDS). A fingerprint of template +
+special tokens is written beside the data and checked downstream. Training rows are repeated
+by their source `weight` and, when `format.augment` is on, joined by variants (instruction
+templates, system prompts, or a generator's paraphrase). Counts go to `metrics/format.json`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import json
 import logging
 import random
 
+from finetune.data import IGNORE
 from finetune.data.augment import Paraphraser, variants
+from finetune.data.sources import CODE_FIELDS
 from finetune import ROOT
 from finetune.runtime.files import atomic_dir, require_complete, write_json
 from finetune.runtime.stage import setup
@@ -28,7 +30,6 @@ OUT = ROOT / "data" / "formatted"
 BASE = ROOT / "models" / "base"
 METRICS = ROOT / "metrics" / "format.json"
 SPLITS = ("train", "eval", "test")
-IGNORE = -100
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
 
 TEMPLATES = {
@@ -176,7 +177,8 @@ def format_rows(records, tokenizer, template: str, cfg, counts: dict, seed: int 
                 continue
             counts["tokens"] += len(row["input_ids"])
             counts["rows_out"] += 1
-            yield {"id": item["id"] if copy == 0 or copy >= copies else f"{item['id']}#copy{copy}", **row}
+            yield {"id": item["id"] if copy == 0 or copy >= copies else f"{item['id']}#copy{copy}", **row,
+                   **{key: item[key] for key in CODE_FIELDS if key in item}}  # a coding row's tests, as data
 
 
 def format_split(records, tokenizer, template: str, cfg, seed: int = 0, training: bool = False,
@@ -184,6 +186,12 @@ def format_split(records, tokenizer, template: str, cfg, seed: int = 0, training
     counts: dict = {}
     rows = list(format_rows(records, tokenizer, template, cfg, counts, seed, training, paraphraser))
     return rows, counts
+
+
+def formatted_rows(tokenizer, records: list[dict], cfg: Format, seed: int = 0, training: bool = False) -> list[dict]:
+    """The rows the stage writes for normalised `records` (`id` plus `messages` or `text`) under `cfg`'s template:
+    how tests, benchmarks and scripts build formatted rows."""
+    return format_split(records, tokenizer, resolve_template(cfg.template, tokenizer), cfg, seed, training)[0]
 
 
 def main() -> None:

@@ -1,10 +1,12 @@
 """ingest: read every source in `ingest.sources`, normalise each row to one schema, split.
 
 One record per input row: `{"id", "source", "line", "messages": [{"role", "content"}, ...]}`
-for instruction, chat and classification shapes (classification also keeps `label`),
+for instruction, chat, classification and coding shapes (classification also keeps `label`; a
+HumanEval or MBPP row its `tests`, `entry_point`/`test_setup` and `code_prompt`),
 `{"id", "source", "line", "text"}` for plain text; `weight` when the source has one. Every
 malformed row goes to `data/rejects.jsonl` with its source, line and reason. The split is a
-hash of the row's content and the seed, so appending rows never moves existing ones.
+hash of the row's content and the seed, so appending rows never moves existing ones; a source
+with `fixed_split` sends every row to that split (a benchmark held out whole).
 Rows stream from file to split file: memory holds one row (and a whole file only for a .json
 array), plus 8 bytes per eval/test row when `max_eval_rows`/`max_test_rows` cap them.
 """
@@ -23,7 +25,7 @@ from finetune.runtime.env import VERBOSE
 from finetune.runtime.files import atomic_dir, write_json
 from finetune.runtime.stage import setup
 from finetune.params.ingest import Ingest
-from finetune.data.sources import BadRow, read_rows
+from finetune.data.sources import BadRow, coding_record, coding_shape, read_rows, text_field
 
 log = logging.getLogger("finetune.ingest")
 
@@ -35,6 +37,8 @@ ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant"
 
 # --------------------------------------------------------------------------- shapes
 def detect_format(row: dict) -> str:
+    if coding_shape(row):  # before `text`: an MBPP row has one
+        return coding_shape(row)
     if "conversations" in row:
         return "sharegpt"
     if "messages" in row:
@@ -48,19 +52,6 @@ def detect_format(row: dict) -> str:
     raise BadRow(f"cannot tell the shape from keys {sorted(row)}; set `format` on the source")
 
 
-def text_field(row: dict, key: str, required: bool = True) -> str:
-    if row.get(key) is None:
-        if required:
-            raise BadRow(f"missing field {key!r}" if key not in row else f"field {key!r} is null")
-        return ""
-    value = row[key]
-    if not isinstance(value, str):
-        raise BadRow(f"field {key!r} must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise BadRow(f"field {key!r} is empty")
-    return value
-
-
 def label_field(row: dict) -> str:
     """A class label may be a string or an integer id; anything else is a wrong type."""
     value = row.get("label")
@@ -70,7 +61,10 @@ def label_field(row: dict) -> str:
 
 
 def normalise(row, shape: str) -> dict:
-    """Map one raw row to `messages` or `text`; raise BadRow with the reason."""
+    """Map one raw row to `messages` or `text` (a coding row also keeps its tests: sources.CODE_FIELDS);
+    raise BadRow with the reason."""
+    if shape in ("humaneval", "mbpp"):
+        return coding_record(row, shape)
     if not isinstance(row, dict):
         raise BadRow(f"row must be an object, got {type(row).__name__}")
     if shape == "text":
@@ -156,6 +150,7 @@ def ingest(sources, seed: int, cfg, out_dir: Path, rejects_path: Path, root: Pat
     """Pure core: stream every source into `out_dir/{split}.jsonl` and the rejects file; return the summary."""
     caps = {"eval": cfg.max_eval_rows, "test": cfg.max_test_rows}
     positions = {name: array("d") for name, cap in caps.items() if cap is not None}
+    fixed = {source.hub or source.path: source.fixed_split for source in sources}
     summary = {"rows_in": 0, "rejected": 0, "sources": {}, "split_rows": dict.fromkeys(SPLITS, 0)}
     first_rejects = []
     with contextlib.ExitStack() as stack:
@@ -169,7 +164,7 @@ def ingest(sources, seed: int, cfg, out_dir: Path, rejects_path: Path, root: Pat
                 summary["sources"][item.pop("name")] = item
             else:
                 position = split_position(item, seed)
-                split = assign_split(position, cfg.eval_fraction, cfg.test_fraction)
+                split = fixed[item["source"]] or assign_split(position, cfg.eval_fraction, cfg.test_fraction)
                 dump(files[split], item)
                 if split in positions:
                     positions[split].append(position)

@@ -31,16 +31,21 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.runtime import device
 from finetune.training import lora_targets
 from finetune.training import memory_plan
 from finetune import ROOT
+from finetune.models import provenance
 from finetune.runtime.env import offline_by_default, seed_everything
 from finetune.runtime.files import atomic_dir, read_jsonl, require_complete, write_json
 from finetune.runtime.stage import setup
 from finetune.training.reference import reference_prompts, save_reference_logits
 from finetune.params.train import Train
+
+if TYPE_CHECKING:  # the records live beside the Trainer, which imports torch: loaded in main(), after the checks
+    from finetune.training.trainer import RunFiles, TrainData
 
 log = logging.getLogger("finetune.train")
 
@@ -250,13 +255,12 @@ def prepare_checkpoints(folder: Path, fingerprint: dict) -> Path | None:
     return None
 
 
-def plan_memory(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
-                placement: device.Placement) -> memory_plan.Plan:
+def plan_memory(base_dir, data: TrainData, cfg, seed: int, placement: device.Placement) -> memory_plan.Plan:
     """The memory plan from the base's config and the batches this run will see, before any weight is
     loaded: logged as a table; a run that cannot fit the device is refused with the knobs that would."""
     targets = cfg.lora.target_modules if cfg.method in ("lora", "qlora") else None
     shape = memory_plan.describe_base(base_dir, targets)
-    work = memory_plan.planned_workload(train_rows, eval_rows, cfg, seed)
+    work = memory_plan.planned_workload(data.train, data.eval, cfg, seed)
     framework = memory_plan.framework_mib(placement.device)
     plan = memory_plan.plan(shape, memory_plan.Settings.from_params(cfg, placement), work, framework)
     memory_plan.log_plan(plan, work, log)
@@ -265,11 +269,11 @@ def plan_memory(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, se
     return plan
 
 
-def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int, checkpoint_dir, fingerprint: dict,
-        live_dir, resume_from=None, callbacks=(), placement: device.Placement | None = None) -> tuple:
+def fit(base_dir, data: TrainData, cfg, seed: int, run: RunFiles, callbacks=(),
+        placement: device.Placement | None = None) -> tuple:
     """Pure core: train on explicit rows on `placement` (default: `device.resolve()`, the GPU when there
     is one); returns (trainer, tokenizer, metrics). Nothing is written except checkpoints into
-    `checkpoint_dir` and the curves (DVCLive, into `live_dir`)."""
+    `run.checkpoint_dir` and the curves (DVCLive, into `run.live_dir`)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -279,7 +283,7 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
     seed_everything(seed, torch.get_num_threads())
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     placement = placement or device.resolve()
-    plan = plan_memory(base_dir, train_rows, eval_rows, cfg, seed, placement)
+    plan = plan_memory(base_dir, data, cfg, seed, placement)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     model = build_model(Path(base_dir), cfg, local_rank, placement)
     counts = parameter_counts(model)
@@ -287,12 +291,11 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
              counts["total_params"], counts["trainable_percent"])
     probe(model, cfg.method)
     seed_everything(seed, torch.get_num_threads())
-    trainer = make_trainer(model, tokenizer, train_rows, eval_rows, cfg, seed, checkpoint_dir, fingerprint,
-                           Path(live_dir), callbacks)
+    trainer = make_trainer(model, tokenizer, data, cfg, seed, run, callbacks)
     train_started = time.time()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     train_seconds = time.time() - train_started
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
+    eval_loss = trainer.evaluate()["eval_loss"] if data.eval else None
     history = trainer.state.log_history
     losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
     # step-weighted mean of the logged losses: the same for a resumed and an uninterrupted run
@@ -309,7 +312,7 @@ def fit(base_dir, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int,
         "eval_loss": round(eval_loss, 5) if eval_loss is not None else None,
         "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 4),
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        "resumed_from_step": int(Path(resume_from).name.split("-")[1]) if resume_from else 0,
+        "resumed_from_step": int(Path(run.resume_from).name.split("-")[1]) if run.resume_from else 0,
         "padding_fraction": round(1 - real / processed, 4) if processed else None,
         "tokens_per_second": round(tokens_per_second, 1) if tokens_per_second else None,
         "train_seconds": round(train_seconds, 2), "wall_seconds": round(time.time() - started, 2),
@@ -333,6 +336,7 @@ def save_trained(trainer, tokenizer, cfg, eval_rows: list[dict], out_dir: Path, 
     save_reference_logits(model, reference_prompts(eval_rows), out_dir)
     model.save_pretrained(out_dir)
     sort_target_modules(out_dir / "adapter_config.json")
+    provenance.name_base_in(out_dir)  # the base by its provenance, not the path it was loaded from here
     tokenizer.save_pretrained(out_dir)
     method = {"method": cfg.method, "base": "models/base", **({"recipe": recipe} if recipe else {})}
     if cfg.method == "qlora":  # what merge needs to de-quantize the base exactly as training saw it
@@ -382,7 +386,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from finetune.training.trainer import NonFiniteError, complete_checkpoints
+    from finetune.training.trainer import NonFiniteError, RunFiles, TrainData, complete_checkpoints
 
     base_dir = require_complete(BASE)
     placement = device.resolve(params.device, params.dtype)
@@ -394,10 +398,10 @@ def main() -> None:
         if cfg.num_processes > 1:
             raise SystemExit(launch_processes(cfg, threads))
     resume = (complete_checkpoints(CHECKPOINTS) or [None])[-1]
-    train_rows, eval_rows = read_jsonl(DATA / "train.jsonl"), read_jsonl(DATA / "eval.jsonl")
+    data = TrainData(train=read_jsonl(DATA / "train.jsonl"), eval=read_jsonl(DATA / "eval.jsonl"))
+    run = RunFiles(checkpoint_dir=CHECKPOINTS, live_dir=LIVE.parent, fingerprint=fingerprint, resume_from=resume)
     try:
-        trainer, tokenizer, metrics = fit(base_dir, train_rows, eval_rows, cfg, params.seed, CHECKPOINTS, fingerprint,
-                                          LIVE.parent, resume, placement=placement)
+        trainer, tokenizer, metrics = fit(base_dir, data, cfg, params.seed, run, placement=placement)
     except NonFiniteError as exc:
         kept = complete_checkpoints(CHECKPOINTS)
         raise SystemExit(f"{exc}; the last good checkpoint is {kept[-1] if kept else 'none'}. Lower train.learning_rate "
@@ -405,9 +409,8 @@ def main() -> None:
     if not trainer.is_world_process_zero():
         return
     with atomic_dir(OUT) as tmp:
-        recipe = {"base": json.loads((base_dir / "base.json").read_text()).get("source") if (base_dir / "base.json").exists()
-                  else None, "seed": params.seed, "train": fingerprint["train"]}
-        save_trained(trainer, tokenizer, cfg, eval_rows or train_rows, tmp, recipe)
+        recipe = {"base": provenance.base_name(base_dir), "seed": params.seed, "train": fingerprint["train"]}
+        save_trained(trainer, tokenizer, cfg, data.eval or data.train, tmp, recipe)
         write_json(tmp / "format.json", {"fingerprint": json.loads((DATA / "format.json").read_text())["fingerprint"]})
     metrics["peak_memory_mb"] = device.peak_rss_mb()  # the whole stage's, saving included (as the plan counts it)
     write_json(METRICS, metrics)

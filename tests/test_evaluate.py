@@ -12,11 +12,14 @@ import sys
 import pytest
 import yaml
 
+from finetune.data import IGNORE
 from stages import evaluate as evaluation
+from stages import format as fmt
 from finetune.evaluation import scoring
 from finetune.evaluation import task_metrics as tm
 from finetune.params.core import section
-from conftest import ROOT, tracked_copy
+from conftest import ROOT
+from repo_tools import tracked_copy
 from finetune.evaluation.sandbox import Outcome
 
 
@@ -101,15 +104,10 @@ def tiny(tiny_base):
 
 def rows_for(tokenizer, pairs):
     """Rows as the format stage writes them: chat template, loss on the answer tokens only."""
-    rows = []
-    for index, (question, answer) in enumerate(pairs):
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
-        start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        rows.append({"id": f"t:{index}", "input_ids": ids, "labels": [-100] * start + ids[start:], "prompt": prompt,
-                     "reference": answer})
-    return rows
+    records = [{"id": f"t:{index}", "messages": [{"role": "user", "content": question},
+                                                  {"role": "assistant", "content": answer}]}
+               for index, (question, answer) in enumerate(pairs)]
+    return fmt.formatted_rows(tokenizer, records, section("format"))
 
 
 def summed_logprob(model, row):
@@ -117,7 +115,7 @@ def summed_logprob(model, row):
 
     with torch.no_grad():
         loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss.item()
-    count = sum(label != -100 for label in row["labels"][1:])
+    count = sum(label != IGNORE for label in row["labels"][1:])
     return -loss * count, count
 
 
@@ -141,7 +139,7 @@ def full_logits_reference(model, row, virtual=0):
 
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, virtual:]
-    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(row["labels"][1:]), ignore_index=-100, reduction="sum")
+    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(row["labels"][1:]), ignore_index=IGNORE, reduction="sum")
     return -nll.item(), logits.argmax(-1).tolist()
 
 
@@ -174,7 +172,7 @@ def test_scoring_keeps_only_the_logits_it_needs_within_the_budget(tiny, tiny_bas
     assert any(positions == 2 for _, positions, _ in shapes)  # a row's answer did not fit one pass
     unbounded = scoring.sequence_logprobs(model, sequences, batch_size=4)
     for (logprob, count), (free, free_count), (reference, _), row in zip(bounded, unbounded, expected, rows):
-        assert count == free_count == sum(label != -100 for label in row["labels"][1:])
+        assert count == free_count == sum(label != IGNORE for label in row["labels"][1:])
         assert logprob == pytest.approx(reference, rel=1e-5) and logprob == pytest.approx(free, rel=1e-6)
     ids = [row["input_ids"] for row in rows]
     argmax = scoring.argmax_tokens(model, ids, 4, budget=5 * vocab * scoring.ARGMAX_BYTES_PER_LOGIT)

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from finetune.params.sections import load_params
-from conftest import ROOT, tracked_copy
+from conftest import ROOT
+from repo_tools import tracked_copy
 
 TASKS = ["classification", "generation", "qa", "coding"]
 TASK_KEYS = {"classification": {"task.accuracy", "task.macro_f1", "task.unparseable"},
@@ -82,6 +83,7 @@ def results(tmp_path_factory, tiny_base):
 
 
 @pytest.mark.parametrize("task", TASKS)
+@pytest.mark.e2e
 def test_example_runs_end_to_end(results, task):
     report = json.loads((results / task / "eval.json").read_text())
     for key in TASK_KEYS[task] | {"perplexity"}:

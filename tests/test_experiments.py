@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, ran, sh, tracked_copy
-from finetune.params.core import TRACE_ENV
+from conftest import ROOT
+from repo_tools import ran, sh, tracked_copy
+from finetune.params.core import TRACE_ENV, apply_overrides
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import check_metrics  # noqa: E402
@@ -33,7 +34,7 @@ AFTER_FORMAT = {"train", "evaluate_base", "evaluate", "merge", "quantize", "publ
 UPSTREAM_OF_TRAIN = {"base", "ingest", "dedup_filter", "format"}
 
 # The default pipeline with small knobs: the same stages and code paths, a minute instead of an hour.
-SMALL = {"model.builtin.num_layers": 2, "model.builtin.pretrain_steps": 10, "ingest.test_fraction": 0.02,
+SMALL = {"model.base": "builtin", "threads": 1, "model.builtin.num_layers": 2, "model.builtin.pretrain_steps": 10, "ingest.test_fraction": 0.02,
          "train.max_steps": 10, "train.logging_steps": 2, "evaluate.max_new_tokens": 4,
          "evaluate.general.tasks": [], "quantize.formats": ["gguf_q8_0"], "quantize.speed_new_tokens": 4}
 
@@ -72,15 +73,6 @@ def has_param(params: dict, dotted: str) -> bool:
     return True
 
 
-def set_param(params: dict, dotted: str, value) -> dict:
-    *path, last = dotted.split(".")
-    section = params
-    for key in path:
-        section = section[key]
-    section[last] = value
-    return params
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A fresh clone of the repo with small knobs, reproduced once and committed."""
@@ -91,10 +83,8 @@ def pipeline(tmp_path_factory):
             if (options or {}).get("cache", True):
                 subprocess.run(["rm", "-rf", str(repo / name)], check=True)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    for dotted, value in SMALL.items():
-        if has_param(params, dotted):
-            set_param(params, dotted, value)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    small = {dotted: value for dotted, value in SMALL.items() if has_param(params, dotted)}
+    (repo / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, small), sort_keys=False))
     sh(repo, "git", "init", "-q", "-b", "main")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "small pipeline")
@@ -121,7 +111,7 @@ def downstream(repo) -> dict[str, set[str]]:
 def predict(repo, dotted: str, value) -> tuple[set[str], set[str]]:
     """(stages `dvc status` sees stale, those plus all their descendants) after setting one param."""
     original = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(yaml.safe_dump(set_param(yaml.safe_load(original), dotted, value)))
+    (repo / "params.yaml").write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(original), {dotted: value})))
     try:
         stale = set(json.loads(sh(repo, "dvc", "status", "--json").stdout))
     finally:
@@ -141,7 +131,7 @@ def restore(repo):
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("dotted, value, must, must_not", RERUNS, ids=[case[0] for case in RERUNS])
 def test_a_param_change_reruns_its_stage_and_what_follows_only(pipeline, dotted, value, must, must_not):
     stale, reruns = predict(pipeline, dotted, value)
@@ -167,7 +157,7 @@ READ_ONLY_WHEN = {("format", "threads"): "format.augment.model is set (the parap
                   ("quantize", "evaluate.coding"): "evaluate.task is coding (the programs of each artifact are run)"}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_each_stage_declares_exactly_the_params_keys_it_read(pipeline):
     """The params keys each stage really read in the run above (every stage ran) against its dvc.yaml
     `params:`: nothing read goes undeclared (a stale-cache bug), and no declaration goes unread (a
@@ -190,7 +180,7 @@ def test_each_stage_declares_exactly_the_params_keys_it_read(pipeline):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_exp_run_reruns_what_status_predicts_and_reproduces_the_metrics(pipeline):
     stale, predicted = predict(pipeline, "evaluate.num_examples", 2)
     try:
@@ -213,7 +203,7 @@ def test_exp_run_reruns_what_status_predicts_and_reproduces_the_metrics(pipeline
     assert len(table.strip().splitlines()) == 5, table  # header, rule, workspace, main, the experiment
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_quality_threshold_reruns_quantize_only(pipeline):
     try:
         result = sh(pipeline, "dvc", "exp", "run", "--set-param", "quantize.checks.gguf_q8_0.min_top1_agreement=0.5")
@@ -222,7 +212,7 @@ def test_a_quality_threshold_reruns_quantize_only(pipeline):
         restore(pipeline)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_logging_knob_reruns_train_only_and_dvc_stops_at_the_identical_adapter(pipeline):
     adapter = digest(pipeline / "models/adapter")
     try:
@@ -233,7 +223,7 @@ def test_a_logging_knob_reruns_train_only_and_dvc_stops_at_the_identical_adapter
         restore(pipeline)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_editing_the_train_schema_reruns_train_and_nothing_upstream(pipeline):
     schema = pipeline / "finetune/params/train.py"
     original = schema.read_text()
@@ -247,7 +237,7 @@ def test_editing_the_train_schema_reruns_train_and_nothing_upstream(pipeline):
         restore(pipeline)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_param_that_changes_no_data_stops_the_rerun_at_its_stage(pipeline):
     stale, predicted = predict(pipeline, "dedup_filter.max_chars", 5000)
     assert {"dedup_filter", "format", "train"} <= predicted
@@ -260,7 +250,7 @@ def test_a_param_that_changes_no_data_stops_the_rerun_at_its_stage(pipeline):
         restore(pipeline)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_plots_show_renders_every_declared_plot_in_one_page(pipeline, tmp_path):
     dvc_yaml = yaml.safe_load((pipeline / "dvc.yaml").read_text())
     by_stage = {name: stage_name for stage_name, stage in dvc_yaml["stages"].items()
@@ -291,7 +281,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_push_then_pull_into_a_fresh_clone(pipeline, tmp_path):
     remote, clone = tmp_path / "remote", tmp_path / "clone"
     sh(pipeline, "dvc", "remote", "add", "-d", "storage", str(remote))

@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, tracked_copy
+from conftest import ROOT
+from repo_tools import tracked_copy
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import family_matrix  # noqa: E402
@@ -78,7 +79,7 @@ def family(request, matrix):
     return request.param, result
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_every_stage_runs_with_the_familys_own_template(family):
     name, result = family
     assert result["lora_stages"] == family_matrix.STAGES
@@ -91,7 +92,7 @@ def test_every_stage_runs_with_the_familys_own_template(family):
         assert checked["rows_training_end_of_turn"] == 1  # every answer ends with the end of turn, trained
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_merged_model_stops_at_the_end_of_turn_in_transformers(family):
     name, result = family
     for method in ("lora", "qlora"):
@@ -104,7 +105,7 @@ def test_the_merged_model_stops_at_the_end_of_turn_in_transformers(family):
         assert family_matrix.problems(checked) == []
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_llamacpp_stops_at_the_end_of_turn_and_tokenizes_like_transformers(family):
     name, result = family
     checked = result["lora"]
@@ -116,7 +117,7 @@ def test_llamacpp_stops_at_the_end_of_turn_and_tokenizes_like_transformers(famil
     assert cpp["pre"] == {"qwen2": "qwen2", "llama3": "llama-bpe", "gpt_neox": "olmo"}.get(name, "default")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_gguf_and_gptq_keep_the_merged_model(family):
     _, result = family
     checked = result["lora"]
@@ -125,7 +126,7 @@ def test_gguf_and_gptq_keep_the_merged_model(family):
     assert checked["gptq_group_size"] == 64  # the largest that divides the tiny widths (64, 128)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_lora_presets_resolve_on_the_familys_own_layers(family):
     name, result = family
     attention, attention_all = FUSED.get(name, UNFUSED)

@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
+from finetune.data import IGNORE
 from finetune.runtime import device
 from finetune.training import memory_plan
+from finetune.training.trainer import RunFiles, TrainData
 from stages import train
 from conftest import ROOT
 from finetune.params.core import section
@@ -141,7 +143,7 @@ def long_rows(tokenizer, count: int, seed: int) -> list[dict]:
     rng, rows = random.Random(seed), []
     for _ in range(count):
         ids = [rng.randrange(100, 2000) for _ in range(rng.randint(48, 96))]
-        rows.append({"input_ids": ids, "labels": [-100] * (len(ids) - 24) + ids[-24:]})
+        rows.append({"input_ids": ids, "labels": [IGNORE] * (len(ids) - 24) + ids[-24:]})
     return rows
 
 
@@ -207,8 +209,8 @@ def test_train_refuses_before_loading_any_weight(tiny_base, tmp_path, monkeypatc
 
     rows = make_rows(AutoTokenizer.from_pretrained(tiny_base), 8)
     with pytest.raises(SystemExit, match="memory plan needs .* RAM available \\(test\\) is 100 MiB"):
-        train.fit(tiny_base, rows, rows, section("train", max_steps=1), 42, tmp_path / "c", {}, tmp_path / "p",
-                  placement=CPU)
+        train.fit(tiny_base, TrainData(train=rows, eval=rows), section("train", max_steps=1), 42,
+                  RunFiles(checkpoint_dir=tmp_path / "c", live_dir=tmp_path / "p", fingerprint={}), placement=CPU)
 
 
 def test_the_command_prints_the_plan_for_a_public_shape_without_training(capsys):

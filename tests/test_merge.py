@@ -112,12 +112,61 @@ def test_wrong_adapter_fails_the_merge(tiny_base, adapter, tmp_path):
 
 
 def test_half_precision_merge_within_its_tolerance_and_too_tight_fails(tiny_base, adapter, tmp_path):
-    report = merge.merge(tiny_base, adapter, "bfloat16", load_params().merge.atol.bfloat16, tmp_path / "merged")
-    assert 1e-4 < report["max_logit_diff_vs_adapter"] < load_params().merge.atol.bfloat16
+    rtol = load_params().merge.rtol.bfloat16
+    report = merge.merge(tiny_base, adapter, "bfloat16", rtol, tmp_path / "merged")
+    assert 1e-4 < report["max_logit_diff_vs_adapter"] < rtol * report["max_abs_logit"]
     weights = load_file(str(tmp_path / "merged" / "model.safetensors"))
     assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
-    with pytest.raises(SystemExit, match=r"merge.atol.float16=1e-06 .*too tight for float16"):
+    with pytest.raises(SystemExit, match=r"merge.rtol.float16=1e-06 x max \|logit\| .*too tight for float16"):
         merge.merge(tiny_base, adapter, "float16", 1e-6, tmp_path / "merged16")
+
+
+# SmolLM2-135M's shape (the default real base): rounding error over 30 layers and a 49k vocabulary is what the
+# relative tolerances are for (a correct fp32 merge of the real model differs by ~1.5e-4, past the old 1e-4)
+SMOLLM2_SHAPE = dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                     intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, rope_theta=1e5)
+
+
+def real_shaped_base(out, seed, tokenizer_from):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).save_pretrained(out)  # random weights: the shape is what counts
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(out)  # ids < 2048: any vocabulary this size takes them
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_shaped(tiny_base, tmp_path_factory):
+    """Two random bases of SmolLM2's shape (seeds 0 and 1) and a LoRA adapter (non-zero B, all-linear) on the first."""
+    folder = tmp_path_factory.mktemp("real_shaped")
+    base, other = real_shaped_base(folder / "base", 0, tiny_base), real_shaped_base(folder / "other", 1, tiny_base)
+    return base, other, make_adapter(base, folder / "adapter", seed=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_correct_merge_of_a_30_layer_model_passes_in_every_dtype(real_shaped, tmp_path, dtype):
+    base, _, adapter = real_shaped
+    rtol = getattr(load_params().merge.rtol, dtype)
+    report = merge.merge(base, adapter, dtype, rtol, tmp_path / "merged")  # raises past the tolerance
+    relative = report["max_logit_diff_vs_training"] / report["max_abs_logit"]
+    assert 0 < relative <= rtol and report["parameters"] > 130e6
+    if dtype != "float32":  # rounding to 8 (bf16) or 11 (fp16) significant bits did move the logits
+        assert report["max_logit_diff_vs_adapter"] > 1e-3
+
+
+def test_a_30_layer_adapter_on_another_base_or_stale_fails_even_at_the_loosest_tolerance(real_shaped, tmp_path):
+    """bfloat16's tolerance is the loosest: an adapter checked against another base, or end-of-training logits
+    of other adapter weights, still fail it (merged in fp32 here, so only the mismatch counts)."""
+    base, other, adapter = real_shaped
+    loosest = max(load_params().merge.rtol.model_dump().values())
+    with pytest.raises(SystemExit, match=r"vs_training.*not trained on this base or is stale"):
+        merge.merge(other, adapter, "float32", loosest, tmp_path / "wrong_base")
+    stale = shutil.copytree(adapter, tmp_path / "stale")
+    shutil.copy(make_adapter(base, tmp_path / "newer", seed=1) / REFERENCE, stale / REFERENCE)
+    with pytest.raises(SystemExit, match=r"differ by .* > merge.rtol.float32=.*max_logit_diff_vs_training"):
+        merge.merge(base, stale, "float32", loosest, tmp_path / "merged")
+    assert not (tmp_path / "wrong_base").exists() and not (tmp_path / "merged").exists()
 
 
 def test_half_precision_merge_holds_one_copy_in_that_dtype_and_equals_the_fp32_recipe(tiny_base, adapter, tmp_path,
@@ -127,7 +176,8 @@ def test_half_precision_merge_holds_one_copy_in_that_dtype_and_equals_the_fp32_r
     loads, original = [], AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
                         lambda *args, **kwargs: loads.append((kwargs.get("dtype"), kwargs.get("device_map"))) or original(*args, **kwargs))
-    report = merge.merge(tiny_base, adapter, "bfloat16", load_params().merge.atol.bfloat16, tmp_path / "merged")
+    rtol = load_params().merge.rtol.bfloat16
+    report = merge.merge(tiny_base, adapter, "bfloat16", rtol, tmp_path / "merged")
     monkeypatch.undo()
     assert loads == [(torch.bfloat16, "cpu")]
     assert (report["device"], report["dtype"]) == ("cpu", "bfloat16") and report["peak_memory_mb"] > 0
@@ -147,7 +197,7 @@ def test_half_precision_merge_holds_one_copy_in_that_dtype_and_equals_the_fp32_r
     cast = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
     cast.load_state_dict(recipe, strict=False)
     assert merge.max_logit_difference(merged, [(ids, merge.logits(cast.to(torch.bfloat16), ids)) for ids, _ in
-                                               merge.load_reference_logits(adapter)]) < load_params().merge.atol.bfloat16
+                                               merge.load_reference_logits(adapter)]) < rtol * report["max_abs_logit"]
 
 
 def test_qlora_merges_into_the_dequantized_base_not_4bit_weights(tiny_base, tmp_path, caplog):
@@ -171,7 +221,8 @@ def test_qlora_merges_into_the_dequantized_base_not_4bit_weights(tiny_base, tmp_
     adapter = finish(model.eval(), tokenizer, tmp_path / "qlora", "qlora", quantization_config=quantization.to_dict())
 
     caplog.set_level(logging.INFO, logger="finetune.merge")
-    report = merge.merge(tiny_base, adapter, "float32", 1e-4, tmp_path / "merged", reference_atol=0.05)
+    report = merge.merge(tiny_base, adapter, "float32", 1e-4, tmp_path / "merged",
+                         reference_rtol=load_params().merge.qlora_reference_rtol)
     assert "never into 4-bit weights" in caplog.text
     assert report["method"] == "qlora" and report["max_logit_diff_vs_adapter"] < 1e-4
     assert report["max_logit_diff_vs_training"] < 0.05

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from finetune.params.sections import SECTIONS, load_params
 from conftest import ROOT
-from finetune.params.core import ParamsError, Tracked, section, tracked, validate
+from finetune.params.core import ParamsError, Tracked, apply_overrides, section, tracked, validate
 from finetune.params.ingest import Source
 
 
@@ -45,6 +45,22 @@ def test_section_builds_a_config_from_params_yaml_plus_overrides():
     assert section("model.builtin", num_layers=2).num_layers == 2
     with pytest.raises(Exception, match="greater than 0"):
         section("train", lora={"r": 0})
+
+
+def test_dotted_overrides_set_values_read_as_yaml_and_name_a_malformed_item():
+    params = {"train": {"method": "lora", "lora": {"r": 8, "alpha": 16}}, "seed": 0}
+    changed = apply_overrides(params, ["train.lora.r=32", "train.method=qlora", "seed=7", "quantize.formats=[gguf_q8_0]"])
+    assert changed == {"train": {"method": "qlora", "lora": {"r": 32, "alpha": 16}}, "seed": 7,
+                       "quantize": {"formats": ["gguf_q8_0"]}}  # an unknown key is added: validation names it
+    assert params["train"]["lora"]["r"] == 8  # the input is left as it was
+    assert apply_overrides(params, {"train.lora": {"r": 4}})["train"]["lora"] == {"r": 4}  # a mapping replaces
+    for item in ("train.lora.r", "=4", "train..r=4", " train.lora.r=4"):
+        with pytest.raises(ParamsError, match=f"override {item!r}: expected dotted.key=value"):
+            apply_overrides(params, [item])
+    with pytest.raises(ParamsError, match=r"train.method holds a value \('lora'\), not a section"):
+        apply_overrides(params, ["train.method.x=1"])
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        apply_overrides(params, ["train.method=[unclosed"])
 
 
 def write(tmp_path, edit):

@@ -14,9 +14,11 @@ import sys
 import pytest
 import torch
 
+from stages import format as fmt
 from stages import merge
 from finetune.evaluation import scoring
 from stages import train
+from finetune.training.trainer import RunFiles, TrainData
 from conftest import ROOT
 from finetune.params.core import section
 
@@ -29,17 +31,17 @@ PROMPTS = ["The capital of France is", "Route this ticket: my card was charged t
 
 # per method: (loss, grad_norm) of each of the first 3 optimizer steps (batch 4, no warmup, no dropout)
 STEPS = {
-    "full": [(11.97083568572998, 6.720988), (11.685200691223145, 5.634437), (11.442244529724121, 4.930992)],
-    "lora": [(11.97083568572998, 1.415525), (11.763398170471191, 1.44848), (11.513949394226074, 1.13474)],
-    "qlora": [(11.977438926696777, 1.450494), (11.784574508666992, 1.473238), (11.519367218017578, 1.116974)],
-    "prompt_tuning": [(11.967235565185547, 0.014165), (11.946918487548828, 0.017747), (11.954254150390625, 0.01283)],
+    "full": [(11.937885284423828, 6.297232), (11.65589427947998, 4.747439), (11.41228199005127, 4.391563)],
+    "lora": [(11.937885284423828, 1.177055), (11.767440795898438, 0.951346), (11.547122955322266, 0.873681)],
+    "qlora": [(11.939383506774902, 1.215354), (11.770849227905273, 0.984406), (11.541781425476074, 0.853945)],
+    "prompt_tuning": [(11.943619728088379, 0.011173), (11.932291984558105, 0.013003), (11.923321723937988, 0.009491)],
 }
 # the merged LoRA model: the last position's first 6 logits for each prompt, and the sum of all its logits
-MERGED = [[-0.13034, -0.03151, 0.11411, 0.07236, -0.04948, -0.07739, 36.208],
-          [0.19146, 0.04914, 0.06954, -0.05804, 0.15092, -0.04406, -70.964]]
+MERGED = [[-0.12795, -0.03062, 0.16198, 0.11839, -0.05759, -0.11821, 10.506],
+          [0.02729, 0.11257, 0.02881, -0.00485, 0.15152, -0.03722, -22.044]]
 # scoring.evaluate_model on the untouched base, task generation, 4 new tokens
 EVALUATION = {"task.bleu": 0.0, "task.rouge1": 0.0, "task.rouge2": 0.0, "task.rougeL": 0.0, "task.meteor": 0.0,
-              "perplexity": 155974.64406}
+              "perplexity": 151374.15796}
 
 
 def pinned(name, value, expected, rel=1e-5):
@@ -68,22 +70,18 @@ def qwen(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rows(qwen):
-    """Chat-formatted rows, loss on the answer only (what format writes), of varied length."""
+    """Rows of varied length, built by the format stage's code: loss on the answer and its end of turn."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(qwen)
-    rng, rows = random.Random(0), []
+    rng, records = random.Random(0), []
     words = ["billing", "refund", "parcel", "login", "crash", "invoice", "address", "delivery", "password", "screen"]
     for index in range(16):
         question = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
         answer = rng.choice(words)
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                               add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        rows.append({"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids,
-                     "prompt": prompt, "reference": answer, "id": f"r{index}"})
-    return rows
+        records.append({"id": f"r{index}", "messages": [{"role": "user", "content": question},
+                                                        {"role": "assistant", "content": answer}]})
+    return fmt.formatted_rows(tokenizer, records, section("format"))
 
 
 def config(method):
@@ -93,8 +91,8 @@ def config(method):
 
 
 def run(qwen, rows, tmp_path, method):
-    return train.fit(qwen, rows[:12], rows[12:], config(method), 42, tmp_path / "checkpoints", {"pinned": method},
-                     tmp_path / "plots")
+    run = RunFiles(checkpoint_dir=tmp_path / "checkpoints", live_dir=tmp_path / "plots", fingerprint={"pinned": method})
+    return train.fit(qwen, TrainData(train=rows[:12], eval=rows[12:]), config(method), 42, run)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -14,9 +14,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from finetune.data import IGNORE
 from finetune.runtime import device
+from stages import format as fmt
 from stages import train
 from finetune.training import trainer
+from finetune.training.trainer import RunFiles, TrainData
 from finetune.runtime.files import COMPLETE
 from finetune.params.core import merge, section
 from conftest import ROOT
@@ -26,17 +29,14 @@ TOPICS = {"billing": "I was charged twice for my last order", "shipping": "my pa
 
 
 def make_rows(tokenizer, count: int, offset: int = 0) -> list[dict]:
-    """Chat-formatted examples of varied length, loss on the answer only (what format writes)."""
-    rows = []
+    """Chat examples of varied length, formatted by the format stage (loss on the answer only)."""
+    records = []
     for i in range(offset, offset + count):
         label, text = list(TOPICS.items())[i % len(TOPICS)]
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"Route this ticket: {text}{' please help' * (i % 6)} (#{i})"}],
-            tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(label + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        rows.append({"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids})
-    return rows
+        records.append({"id": f"t{i}", "messages": [
+            {"role": "user", "content": f"Route this ticket: {text}{' please help' * (i % 6)} (#{i})"},
+            {"role": "assistant", "content": label}]})
+    return fmt.formatted_rows(tokenizer, records, section("format"))
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,9 @@ def quick(**overrides):
 
 def run_fit(tiny_base, data, tmp_path, cfg, callbacks=(), placement=None):
     torch.set_num_threads(1)
-    return train.fit(tiny_base, data[0], data[1], cfg, 42, tmp_path / "checkpoints", {"test": 1}, tmp_path / "live",
-                     callbacks=callbacks, placement=placement)
+    run = RunFiles(checkpoint_dir=tmp_path / "checkpoints", live_dir=tmp_path / "live", fingerprint={"test": 1})
+    return train.fit(tiny_base, TrainData(train=data[0], eval=data[1]), cfg, 42, run, callbacks=callbacks,
+                     placement=placement)
 
 
 # --------------------------------------------------------------------------- batching
@@ -68,7 +69,7 @@ def test_packing_keeps_every_example_once_within_capacity_with_its_own_positions
         starts = [i for i, position in enumerate(row["position_ids"]) if position == 0] + [len(row["position_ids"])]
         segments += [row["position_ids"][a:b] for a, b in zip(starts, starts[1:])]
     assert sorted(segments) == sorted(list(range(n)) for n in (5, 9, 3, 7, 2, 8, 4))  # each example once, own positions
-    assert all(row["labels"][i] == -100 for row in packed for i, p in enumerate(row["position_ids"]) if p == 0)
+    assert all(row["labels"][i] == IGNORE for row in packed for i, p in enumerate(row["position_ids"]) if p == 0)
     with pytest.raises(SystemExit, match="packing_length"):
         trainer.pack(rows, capacity=6)
 

@@ -1,4 +1,5 @@
-"""Row readers for ingest: every supported file type and the Hugging Face Hub, one row at a time.
+"""Row readers for ingest: every supported file type and the Hugging Face Hub, one row at a time;
+and the coding-benchmark shapes (HumanEval, MBPP) as records, which evaluate's forgetting check reads too.
 
 Each reader yields `(line_or_row_number, row)`, where a row that cannot even be parsed is a
 `BadRow` carrying the reason, so ingest can reject it and go on. A source that cannot be read
@@ -6,6 +7,7 @@ at all (missing file, unknown type, unloadable dataset) stops the stage at once,
 """
 from __future__ import annotations
 
+import ast
 import csv
 import json
 from pathlib import Path
@@ -15,6 +17,103 @@ from finetune import ROOT
 
 class BadRow(ValueError):
     pass
+
+
+# What a coding row carries past ingest, as data (dedup_filter and format pass these through): the test
+# statements the judge runs, code run before them (MBPP's test_setup_code), the function under test, and the
+# text a completion-style prompt continues (HumanEval's prompt: a signature and docstring).
+CODE_FIELDS = ("tests", "test_setup", "entry_point", "code_prompt")
+HUMANEVAL_REQUEST = "Complete this Python function:\n```python\n{prompt}\n```"
+MBPP_REQUEST = "{text}\nYour code should pass these tests:\n{tests}"  # the MBPP paper's prompt
+
+
+def text_field(row: dict, key: str, required: bool = True) -> str:
+    if row.get(key) is None:
+        if required:
+            raise BadRow(f"missing field {key!r}" if key not in row else f"field {key!r} is null")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise BadRow(f"field {key!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise BadRow(f"field {key!r} is empty")
+    return value
+
+
+# --------------------------------------------------------------------------- coding benchmarks
+def coding_shape(row: dict) -> str | None:
+    """"humaneval" or "mbpp" when the row's keys say so, else None."""
+    if "test_list" in row:
+        return "mbpp"
+    if "entry_point" in row or ("prompt" in row and "test" in row):
+        return "humaneval"
+    return None
+
+
+def check_statements(test: str, entry_point: str) -> list[str]:
+    """HumanEval's `test` as the judge's test cases: each statement of `check(candidate)`'s body, with
+    `candidate` renamed to the entry point, after the file's other top-level statements (its METADATA dict
+    aside)."""
+    try:
+        module = ast.parse(test)
+    except SyntaxError as exc:
+        raise BadRow(f"field 'test' is not valid Python: {exc.msg} (line {exc.lineno} of the field)") from None
+    checks = [node for node in module.body if isinstance(node, ast.FunctionDef) and node.name == "check"]
+    if len(checks) != 1 or len(checks[0].args.args) != 1:
+        raise BadRow("field 'test' must define one function check(candidate)")
+    parameter = checks[0].args.args[0].arg
+
+    class Rename(ast.NodeTransformer):
+        def visit_Name(self, node):
+            return ast.copy_location(ast.Name(entry_point, node.ctx), node) if node.id == parameter else node
+
+    setup = [node for node in module.body if node is not checks[0] and not (
+        isinstance(node, ast.Assign) and [ast.unparse(target) for target in node.targets] == ["METADATA"])]
+    statements = [ast.unparse(Rename().visit(node)) for node in setup + checks[0].body]
+    if not any(isinstance(node, ast.Assert) for body in checks[0].body for node in ast.walk(body)):
+        raise BadRow("field 'test': check(candidate) asserts nothing")
+    return statements
+
+
+def humaneval_record(row: dict) -> dict:
+    """A HumanEval row: `prompt` (signature and docstring), `test` (check(candidate)), `entry_point`, and
+    optionally `canonical_solution` (the body). The chat turn asks for the function; the answer, trained and
+    shown, is the whole function (empty when the row has no solution)."""
+    prompt = text_field(row, "prompt")
+    entry_point = text_field(row, "entry_point").strip()
+    if not entry_point.isidentifier():
+        raise BadRow(f"field 'entry_point' must be a Python name, got {entry_point!r}")
+    tests = check_statements(text_field(row, "test"), entry_point)
+    solution = text_field(row, "canonical_solution", required=False)
+    return {"messages": [{"role": "user", "content": HUMANEVAL_REQUEST.format(prompt=prompt.rstrip())},
+                         {"role": "assistant", "content": prompt + solution if solution.strip() else ""}],
+            "tests": tests, "entry_point": entry_point, "code_prompt": prompt}
+
+
+def mbpp_record(row: dict) -> dict:
+    """An MBPP row: `text` (or `prompt`, as in MBPP's sanitized set), `test_list` (assert statements),
+    optionally `test_setup_code` and `code` (the reference solution). Its completion prompt is the
+    description and first test in a docstring, as code-evaluation harnesses prompt MBPP."""
+    text = text_field(row, "text" if "text" in row or "prompt" not in row else "prompt").strip()
+    tests = row.get("test_list")
+    if tests is None:
+        raise BadRow("missing field 'test_list'" if "test_list" not in row else "field 'test_list' is null")
+    if not isinstance(tests, list) or not tests or not all(isinstance(test, str) and test.strip() for test in tests):
+        raise BadRow("field 'test_list' must be a non-empty list of test statements (strings)")
+    tests = [test.strip() for test in tests]
+    setup = text_field(row, "test_setup_code", required=False)
+    code = text_field(row, "code", required=False)
+    return {"messages": [{"role": "user", "content": MBPP_REQUEST.format(text=text, tests="\n".join(tests))},
+                         {"role": "assistant", "content": code.strip()}],
+            "tests": tests, **({"test_setup": setup} if setup.strip() else {}),
+            "code_prompt": f'"""\n{text}\n{tests[0]}\n"""\n'}
+
+
+def coding_record(row, shape: str) -> dict:
+    """A HumanEval or MBPP row as a record (messages + CODE_FIELDS); BadRow names the missing field."""
+    if not isinstance(row, dict):
+        raise BadRow(f"row must be an object, got {type(row).__name__}")
+    return humaneval_record(row) if shape == "humaneval" else mbpp_record(row)
 
 
 # --------------------------------------------------------------------------- reading

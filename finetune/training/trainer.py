@@ -9,10 +9,9 @@ see the padding), and logits computed only where a label is trained.
 """
 from __future__ import annotations
 
-import bisect
 import logging
 import math
-import random
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,9 +22,10 @@ import torch.nn.functional as F
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from finetune.data import IGNORE
+from finetune.models.provenance import name_base_in
 from finetune.runtime.env import VERBOSE
-from finetune.runtime.files import write_json
 from finetune.runtime.device import peak_rss_mb
+from finetune.runtime.files import write_json
 from finetune.training.batching import LengthGroupedSampler, pack
 
 log = logging.getLogger("finetune.train")
@@ -73,6 +73,22 @@ def step_loss(model, batch: dict, virtual_tokens: int = 0, keep_logits: bool = T
     loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
     return loss_sum, (targets != IGNORE).sum(), outputs
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The formatted rows of one run (what the format stage writes: input_ids, labels, ...)."""
+    train: list[dict]  # trained on, in LengthGroupedSampler's order (packed with train.packing)
+    eval: list[dict]  # the validation loss every train.eval_steps and at the end; may be empty
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where one run keeps its checkpoints and curves, and what its checkpoints belong to."""
+    checkpoint_dir: Path  # the Trainer's checkpoints, each completed by a finetune.json
+    live_dir: Path  # DVCLive's curves and summary
+    fingerprint: dict  # stamped into every checkpoint: a checkpoint resumes only under the same one
+    resume_from: Path | None = None  # a complete checkpoint in checkpoint_dir to resume, or None: start fresh
 
 
 @dataclass(frozen=True)
@@ -173,6 +189,7 @@ class Observer(TrainerCallback):
         if args.world_size > 1:
             torch.distributed.barrier()  # every process has written its RNG state
         if state.is_world_process_zero:
+            name_base_in(path)  # peft's adapter_config.json and card name the base's folder on this machine
             write_json(path / "finetune.json", {"step": state.global_step, "fingerprint": self.fingerprint})
             for old in complete_checkpoints(args.output_dir)[:-self.keep_checkpoints]:
                 shutil.rmtree(old)
@@ -219,9 +236,8 @@ def log_curves(live, entry: dict) -> bool:
 
 
 # --------------------------------------------------------------------------- assembly
-def make_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict], cfg, seed: int, checkpoint_dir: Path,
-                 fingerprint: dict, live_dir: Path, callbacks=()) -> FinetuneTrainer:
-    """The Trainer for `cfg` (the `train` params) on explicit rows; checkpoints go to `checkpoint_dir`."""
+def make_trainer(model, tokenizer, data: TrainData, cfg, seed: int, run: RunFiles, callbacks=()) -> FinetuneTrainer:
+    """The Trainer for `cfg` (the `train` params) on explicit rows; checkpoints go to `run.checkpoint_dir`."""
     import inspect
 
     on_cpu = next(model.parameters()).device.type == "cpu"  # `device: cpu` keeps a GPU box's run on the CPU
@@ -232,7 +248,7 @@ def make_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # any id: pads are never attended
     saving = cfg.checkpoint_steps > 0
     args = TrainingArguments(
-        output_dir=str(checkpoint_dir), seed=seed, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_epochs,
+        output_dir=os.path.relpath(run.checkpoint_dir), seed=seed,  # relative: training_args.bin holds it learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr_scheduler_type=cfg.scheduler,
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio (warmup_ratio is gone)
@@ -241,15 +257,16 @@ def make_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict]
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         logging_steps=cfg.logging_steps, logging_nan_inf_filter=False,
         save_strategy="steps" if saving else "no", save_steps=cfg.checkpoint_steps if saving else 500,
-        eval_strategy="steps" if cfg.eval_steps and eval_rows else "no", eval_steps=cfg.eval_steps or None,
+        eval_strategy="steps" if cfg.eval_steps and data.eval else "no", eval_steps=cfg.eval_steps or None,
         report_to=[], use_cpu=on_cpu, dataloader_num_workers=0, disable_tqdm=False, remove_unused_columns=False,
         label_names=["labels"], prediction_loss_only=True, ddp_find_unused_parameters=False, save_only_model=False,
     )
     trainer = FinetuneTrainer(model=model, args=args, processing_class=tokenizer,
-                              train_dataset=pack(train_rows, cfg.packing_length) if cfg.packing else train_rows,
-                              eval_dataset=sorted(eval_rows, key=lambda row: len(row["input_ids"])) or None,
+                              train_dataset=pack(data.train, cfg.packing_length) if cfg.packing else data.train,
+                              eval_dataset=sorted(data.eval, key=lambda row: len(row["input_ids"])) or None,
                               data_collator=lambda examples: collate(examples, pad_id),
-                              callbacks=[Observer(live_dir, fingerprint, cfg.keep_checkpoints), *callbacks], step=step)
+                              callbacks=[Observer(run.live_dir, run.fingerprint, cfg.keep_checkpoints), *callbacks],
+                              step=step)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     return trainer
