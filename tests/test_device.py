@@ -15,8 +15,9 @@ from conftest import ROOT
 # format's optional instruction paraphraser (augment.model) is not on the device plan yet: it loads in float32
 NOT_PLACED = {"augment.py"}
 # (file, the literal's source) that are right on every device: full fine-tuning keeps fp32 master weights
-# (mixed precision comes from train.bf16/fp16 autocast), wherever the model runs
-FIXED_ON_PURPOSE = {("train.py", "torch.float32")}
+# (mixed precision comes from train.bf16/fp16 autocast), wherever the model runs; the base stage dequantizes a GGUF
+# into an fp32 folder (the stored base, not a placement: later stages load it where their params say)
+FIXED_ON_PURPOSE = {("train.py", "torch.float32"), ("gguf.py", "torch.float32")}
 MODEL_STAGES = ["evaluate_base", "evaluate", "merge", "quantize", "train"]
 
 

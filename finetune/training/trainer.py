@@ -248,7 +248,8 @@ def make_trainer(model, tokenizer, data: TrainData, cfg, seed: int, run: RunFile
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # any id: pads are never attended
     saving = cfg.checkpoint_steps > 0
     args = TrainingArguments(
-        output_dir=os.path.relpath(run.checkpoint_dir), seed=seed,  # relative: training_args.bin holds it learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_epochs,
+        # relative to the stage's working directory (the repo root): training_args.bin in each checkpoint holds it
+        output_dir=os.path.relpath(run.checkpoint_dir), seed=seed, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr_scheduler_type=cfg.scheduler,
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio (warmup_ratio is gone)
