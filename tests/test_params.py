@@ -124,10 +124,10 @@ def test_tracked_params_record_every_key_read():
     params = tracked(load_params(), "test")
     cfg = params.train
     assert isinstance(cfg, Tracked) and cfg.lora.r == 8
-    assert getattr(params.merge.atol, params.merge.dtype) > 0
+    assert getattr(params.merge.rtol, params.merge.dtype) > 0
     assert params.quantize.checks["gguf_q8_0"].min_top1_agreement > 0
     params.evaluate.coding.model_dump()
-    assert params._reads == {"train.lora.r", "merge.dtype", "merge.atol.float32",
+    assert params._reads == {"train.lora.r", "merge.dtype", "merge.rtol.float32",
                              "quantize.checks.gguf_q8_0.min_top1_agreement", "evaluate.coding"}
     with pytest.raises(AttributeError):
         params.seed = 1
