@@ -294,11 +294,11 @@ def test_format_masks_prompt_and_places_special_tokens(tokenizer):
     everything = fmt.format_record(TWO_TURNS, tokenizer, template, None, train_on_prompt=True)
     assert everything["labels"] == everything["input_ids"] == ids
 
-    rows, counts = fmt.format_split([TWO_TURNS], tokenizer, template, section("format", max_seq_len=12))
+    rows, counts = fmt.format_split([TWO_TURNS], tokenizer, template, section("format", max_seq_len=12, system_prompt=None))
     assert (counts["truncated"], counts["dropped_no_target"], counts["rows_out"]) == (1, 1, 0)
-    rows, counts = fmt.format_split([TWO_TURNS], tokenizer, template, section("format", max_seq_len=12, overflow="drop"))
+    rows, counts = fmt.format_split([TWO_TURNS], tokenizer, template, section("format", max_seq_len=12, overflow="drop", system_prompt=None))
     assert (counts["dropped_too_long"], counts["truncated"], counts["rows_out"]) == (1, 0, 0)
-    rows, counts = fmt.format_split([TWO_TURNS], tokenizer, template, section("format", max_seq_len=40))
+    rows, counts = fmt.format_split([TWO_TURNS], tokenizer, template, section("format", max_seq_len=40, system_prompt=None))
     assert counts["truncated"] == 1 and len(rows[0]["input_ids"]) == 40 and trained_text(tokenizer, rows[0]).startswith("Paris")
 
     alpaca = fmt.format_record(TWO_TURNS, tokenizer, fmt.resolve_template("alpaca", tokenizer), "Be brief.", False)
