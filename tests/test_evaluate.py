@@ -107,7 +107,7 @@ def rows_for(tokenizer, pairs):
     records = [{"id": f"t:{index}", "messages": [{"role": "user", "content": question},
                                                   {"role": "assistant", "content": answer}]}
                for index, (question, answer) in enumerate(pairs)]
-    return fmt.formatted_rows(tokenizer, records, section("format"))
+    return fmt.formatted_rows(tokenizer, records, section("format", system_prompt=None))  # the tiny base's rows: no system turn
 
 
 def summed_logprob(model, row):

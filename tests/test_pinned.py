@@ -81,7 +81,7 @@ def rows(qwen):
         answer = rng.choice(words)
         records.append({"id": f"r{index}", "messages": [{"role": "user", "content": question},
                                                         {"role": "assistant", "content": answer}]})
-    return fmt.formatted_rows(tokenizer, records, section("format"))
+    return fmt.formatted_rows(tokenizer, records, section("format", system_prompt=None))  # the tiny base's rows: no system turn
 
 
 def config(method):

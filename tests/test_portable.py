@@ -24,7 +24,7 @@ def formatted(tokenizer, count: int, offset: int = 0) -> list[dict]:
     records = [{"id": f"t{i}", "messages": [{"role": "user", "content": f"Route this ticket: {ROWS[i % 4][1]} (#{i})"},
                                             {"role": "assistant", "content": ROWS[i % 4][0]}]}
                for i in range(offset, offset + count)]
-    return fmt.formatted_rows(tokenizer, records, section("format"))
+    return fmt.formatted_rows(tokenizer, records, section("format", system_prompt=None))  # the tiny base's rows: no system turn
 
 
 def run_stage(repo, name: str) -> None:

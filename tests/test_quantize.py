@@ -25,7 +25,7 @@ def rows_for(tokenizer, tickets):
     records = [{"id": f"t{index}", "messages": [{"role": "user", "content": f"{ticket['instruction']}\n\n{ticket['input']}"},
                                                 {"role": "assistant", "content": ticket["output"]}]}
                for index, ticket in enumerate(tickets)]
-    return fmt.formatted_rows(tokenizer, records, section("format"))
+    return fmt.formatted_rows(tokenizer, records, section("format", system_prompt=None))  # the tiny base's rows: no system turn
 
 
 @pytest.fixture(scope="module")

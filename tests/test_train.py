@@ -36,7 +36,7 @@ def make_rows(tokenizer, count: int, offset: int = 0) -> list[dict]:
         records.append({"id": f"t{i}", "messages": [
             {"role": "user", "content": f"Route this ticket: {text}{' please help' * (i % 6)} (#{i})"},
             {"role": "assistant", "content": label}]})
-    return fmt.formatted_rows(tokenizer, records, section("format"))
+    return fmt.formatted_rows(tokenizer, records, section("format", system_prompt=None))  # the tiny base's rows: no system turn
 
 
 @pytest.fixture(scope="module")
