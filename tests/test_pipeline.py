@@ -15,7 +15,7 @@ from repo_tools import ran, sh, tracked_copy
 
 pytestmark = pytest.mark.e2e
 UPSTREAM = ["check_params", "base", "ingest", "dedup_filter", "format"]
-DOWNSTREAM = ["train", "evaluate", "merge", "quantize", "publish"]
+DOWNSTREAM = ["train", "evaluate", "merge", "quantize", "publish", "headline"]
 
 
 @pytest.fixture(scope="module")
