@@ -46,8 +46,8 @@ KNOBS = {
 }
 ROWS_PER_SOURCE = 240
 STAGES = {"check_params", "base", "ingest", "dedup_filter", "format", "train", "evaluate_base", "evaluate", "merge",
-          "quantize", "publish"}
-AFTER_TRAIN = {"train", "evaluate", "merge", "quantize", "publish"}
+          "quantize", "publish", "headline"}
+AFTER_TRAIN = {"train", "evaluate", "merge", "quantize", "publish", "headline"}
 PRESETS = ("attention", "attention_all", "all-linear")
 TEXTS = ["Hello world", " leading space", "  two  spaces\nand a newline\n\n", "café naïve 日本語 🚀 emoji ½",
          "3.14159 and 12345678", "\ttab\t", "def f():\n        return 1"]

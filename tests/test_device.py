@@ -168,7 +168,10 @@ def test_freed_tensors_go_back_to_the_os_not_into_glibcs_heap(switch, applied, k
     import subprocess
     import sys
 
-    env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
+    # glibc's default: no malloc setting from the environment (any of MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_,
+    # MALLOC_MMAP_*, or a glibc.malloc tunable freezes the threshold the default lets climb)
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"}
     result = subprocess.run([sys.executable, str(HEAP_PROBE), str(ROOT)], capture_output=True, text=True,
                             timeout=60, env={**env, "FINETUNE_HEAP_LIMIT": switch})
     assert result.returncode == 0, result.stderr[-3000:]

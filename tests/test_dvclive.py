@@ -38,7 +38,8 @@ def running_experiment(shown: list[dict]) -> dict | None:
     for baseline in shown:
         for experiment in baseline.get("experiments") or []:
             if (experiment.get("executor") or {}).get("state") == "running":
-                metrics = experiment["revs"][0]["data"].get("metrics") or {}
+                # while the run starts, dvc lists it with no data yet
+                metrics = (experiment["revs"][0].get("data") or {}).get("metrics") or {}
                 return (metrics.get(LIVE) or {}).get("data")
     return None
 
