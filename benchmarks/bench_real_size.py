@@ -40,8 +40,8 @@ STAGES = [("base", ["-m", "stages.base"]), ("ingest", ["-m", "stages.ingest"]), 
           ("merge", ["-m", "stages.merge"]), ("quantize", ["-m", "stages.quantize"])]
 GOALS = {"train": 3.0, "evaluate_base": 2.0, "evaluate": 2.0, "merge": 2.5}
 # where each stage records its own peak memory (MiB), and the train stage's estimate
-OWN_RECORD = {"train": "metrics/train.json", "evaluate_base": "metrics/memory/evaluate_base.json",
-              "evaluate": "metrics/memory/evaluate.json", "merge": "metrics/merge.json", "quantize": "metrics/quantize.json"}
+OWN_RECORD = {"train": "train.json", "evaluate_base": "evaluate_base.json", "evaluate": "evaluate.json",
+              "merge": "merge.json", "quantize": "quantize.json"}  # under metrics/memory/ and metrics/timings/
 
 
 def small_run(params: dict, model: Path, args) -> dict:
@@ -76,10 +76,10 @@ def run_stage(repo: Path, name: str, command: list[str], threads: int, logs: Pat
 
 
 def own_record(repo: Path, name: str) -> str:
-    path = repo / OWN_RECORD.get(name, "-")
-    if not path.exists():
-        return ""
-    record = json.loads(path.read_text())
+    record = {}
+    for kind in ("memory", "timings"):
+        path = repo / "metrics" / kind / OWN_RECORD.get(name, "-")
+        record.update(json.loads(path.read_text()) if path.is_file() else {})
     keys = ["peak_memory_mb", "plan_peak_memory_mb", "tokens_per_second"]
     return ", ".join(f"{key} {record[key]:,.0f}" for key in keys if isinstance(record.get(key), (int, float)))
 

@@ -7,7 +7,9 @@
 Every *.json (nested keys flattened to dotted paths, list items by index), *.csv and *.tsv (DVCLive's
 curves; row index and column) file is compared. Numbers agree when |actual - expected| <= atol + rtol * |expected|
 (numpy.isclose's rule); strings, booleans and nulls must be equal. Measurements of the machine
-rather than of the model (keys with `seconds`, `per_second`, `memory` or `mfu` in them) vary run to run and are skipped, as are the human-readable example predictions (metrics/examples.json): a
+rather than of the model (keys with `seconds`, `per_second`, `memory` or `mfu` in them: the stages write them to
+metrics/timings/ and metrics/memory/) vary run to run and are skipped, as are the human-readable example
+predictions (metrics/examples.json): a
 prediction that flips on another CPU already shows in the task metrics. Exit 0 when everything agrees; 1 with one line per difference otherwise.
 
 The default is exact: with torch's CPU float paths pinned (finetune/runtime/env.py CPU_PINS) and llama.cpp

@@ -11,8 +11,8 @@ and deps all start in lower case), so `dvc exp show --drop '[^A-Z]'` is the head
 setting that narrows its default table, and its ~150 params and ~60 deps columns leave the rows no room
 (README "Experiments"). The keys are written in this order, not sorted: DVC orders a file's columns as
 the file does; and the stage comes first in dvc.yaml, so its file comes first in `dvc exp show` and
-`dvc metrics show`. Throughput is `Train tokens_per_second`, a name scripts/check_metrics.py skips as a
-measurement of the machine.
+`dvc metrics show`. Throughput is `Train tokens_per_second` (from metrics/timings/train.json), a name
+scripts/check_metrics.py skips as a measurement of the machine.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ log = logging.getLogger("finetune.headline")
 
 EVAL = ROOT / "metrics" / "eval.json"
 TRAIN = ROOT / "metrics" / "train.json"
+TRAIN_TIMINGS = ROOT / "metrics" / "timings" / "train.json"
 QUANTIZE = ROOT / "metrics" / "quantize.json"
 OUT = ROOT / "metrics" / "headline.json"
 
@@ -63,7 +64,7 @@ def formats(quantize: dict) -> list[str]:
 
 
 def headline(metrics: dict, task: str) -> dict:
-    """`metrics`: the parsed files by name (`eval`, `train`, `quantize`). The headline in column order; a number
+    """`metrics`: the parsed files by name (`eval`, `train`, `train_timings`, `quantize`). The headline in column order; a number
     a run does not have (no eval split: no eval loss; no general tasks: no forgetting) is left out."""
     evaluation, train, quantize = metrics["eval"], metrics["train"], metrics["quantize"]
     name = main_metric(evaluation, task)
@@ -77,7 +78,7 @@ def headline(metrics: dict, task: str) -> dict:
         "Train loss": train.get("train_loss"),
         "Eval loss": train.get("eval_loss"),
         "Trainable params": train.get("trainable_params"),
-        "Train tokens_per_second": train.get("tokens_per_second"),
+        "Train tokens_per_second": metrics["train_timings"].get("tokens_per_second"),
         "Test rows": evaluation.get("test_rows"),
     }
     for fmt in formats(quantize):
@@ -89,9 +90,8 @@ def headline(metrics: dict, task: str) -> dict:
 
 def main() -> None:
     params = setup("headline", {"evaluate": Evaluate})
-    metrics = {"eval": json.loads(EVAL.read_text(encoding="utf-8")),
-               "train": json.loads(TRAIN.read_text(encoding="utf-8")),
-               "quantize": json.loads(QUANTIZE.read_text(encoding="utf-8"))}
+    files = {"eval": EVAL, "train": TRAIN, "train_timings": TRAIN_TIMINGS, "quantize": QUANTIZE}
+    metrics = {name: json.loads(path.read_text(encoding="utf-8")) for name, path in files.items()}
     numbers = headline(metrics, params.evaluate.task)
     write_text(OUT, json.dumps(numbers, indent=2, ensure_ascii=False) + "\n")  # not sorted: DVC keeps this order
     log.info("headline: %s (metrics/headline.json)", ", ".join(f"{key} {value}" for key, value in numbers.items()))

@@ -35,7 +35,7 @@ from finetune.params.evaluate import Evaluate
 from finetune.params.quantize import Quantize
 from finetune.runtime import device
 from finetune.runtime.env import offline_by_default, quiet_gptqmodel
-from finetune.runtime.files import atomic_dir, read_jsonl, require_complete, write_json, write_text
+from finetune.runtime.files import atomic_dir, read_jsonl, require_complete, write_metrics, write_text
 from finetune.runtime.stage import setup
 
 log = logging.getLogger("finetune.quantize")
@@ -307,12 +307,12 @@ def main() -> None:
         if reason:
             log.warning("quantize skipped: %s", reason)
             write_text(tmp / "SKIPPED.txt", reason + "\n")
-            write_json(METRICS, {"skipped": reason, "formats": params.quantize.formats})
+            write_metrics(METRICS, {"skipped": reason, "formats": params.quantize.formats})
             return
         report = quantize(QuantizeJob(merged_dir, tmp, read_jsonl(DATA / "test.jsonl"), read_jsonl(DATA / "train.jsonl"),
                                       params.quantize, params.evaluate, params.threads, placement))
         problems = failed_checks(report, params.quantize.checks, params.quantize.max_task_drop_standard_errors)
-        write_json(METRICS, {**flatten(report), "checks_failed": len(problems), **device.memory_metrics(placement)})
+        write_metrics(METRICS, {**flatten(report), "checks_failed": len(problems), **device.memory_metrics(placement)})
         if problems:
             raise SystemExit("quantize: quality checks failed (metrics/quantize.json has every number):\n  - "
                              + "\n  - ".join(problems))

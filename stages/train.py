@@ -39,7 +39,7 @@ from finetune.training import memory_plan
 from finetune import ROOT
 from finetune.models import provenance
 from finetune.runtime.env import offline_by_default, seed_everything
-from finetune.runtime.files import atomic_dir, read_jsonl, require_complete, write_json
+from finetune.runtime.files import atomic_dir, read_jsonl, require_complete, write_json, write_metrics
 from finetune.runtime.stage import setup
 from finetune.training.reference import reference_prompts, save_reference_logits
 from finetune.params.train import Train
@@ -413,7 +413,7 @@ def main() -> None:
         save_trained(trainer, tokenizer, cfg, data.eval or data.train, tmp, recipe)
         write_json(tmp / "format.json", {"fingerprint": json.loads((DATA / "format.json").read_text())["fingerprint"]})
     metrics["peak_memory_mb"] = device.peak_rss_mb()  # the whole stage's, saving included (as the plan counts it)
-    write_json(METRICS, metrics)
+    write_metrics(METRICS, metrics)
     log.info("train done: %d steps, train_loss %.4f, eval_loss %s, %s tokens/s, peak %d MiB (metrics/train.json)",
              metrics["steps"], metrics["train_loss"], metrics["eval_loss"], metrics["tokens_per_second"],
              metrics["peak_memory_mb"])

@@ -150,7 +150,7 @@ def long_rows(tokenizer, count: int, seed: int) -> list[dict]:
 def test_the_plan_lands_within_25_percent_of_the_measured_peak(tmp_path, tiny_base, qwen2_tiny):
     """Real runs of the train stage, each in its own process, at once: a small Qwen2 (152k vocabulary)
     with lora / full / qlora and the built-in Llama with lora; plan_peak_memory_mb against peak_memory_mb
-    in metrics/train.json (the stage's VmHWM, saving included)."""
+    in metrics/memory/train.json (the stage's VmHWM, saving included)."""
     from transformers import AutoTokenizer
 
     processes = {}
@@ -164,7 +164,7 @@ def test_the_plan_lands_within_25_percent_of_the_measured_peak(tmp_path, tiny_ba
     table, problems = [], []
     for key, (repo, process) in processes.items():
         output = finish(process, timeout=300)
-        metrics = json.loads((repo / "metrics" / "train.json").read_text())
+        metrics = json.loads((repo / "metrics" / "memory" / "train.json").read_text())
         plan, measured = metrics["plan_peak_memory_mb"], metrics["peak_memory_mb"]
         error = 100 * (plan - measured) / measured
         table.append(f"{key[0]:>6} {key[1]:<6} plan {plan:>6} MiB  measured {measured:>6} MiB  {error:+.1f}%")

@@ -47,6 +47,12 @@ def test_full_run_writes_every_artifact(repo):
     assert data["rejected"] == 20
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["steps"] == 40 and 0 < train["trainable_params"] < train["total_params"]
+    # how fast and how big the run was sits beside the model's numbers, not among them (no noisy column changes)
+    timings, memory = (json.loads((repo / f"metrics/{kind}/train.json").read_text()) for kind in ("timings", "memory"))
+    assert timings["tokens_per_second"] > 0 and memory["peak_memory_mb"] > 0 and memory["plan"]["framework_memory_mb"] > 0
+    assert not {"tokens_per_second", "train_seconds", "peak_memory_mb", "mfu"} & set(train)
+    assert "framework_memory_mb" not in train["plan"]
+    assert json.loads((repo / "metrics/timings/quantize.json").read_text())["gguf_q8_0.tokens_per_second"] > 0
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     assert evaluation["perplexity"] < evaluation["base.perplexity"]
     quantized = json.loads((repo / "metrics/quantize.json").read_text())

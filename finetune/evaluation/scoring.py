@@ -164,7 +164,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if num_samples > 1 else {"do_sample": False}
-    if completion:  # transformers' stop strings end a row early; a model without them (llama.cpp) is cut below
+    if completion and isinstance(model, torch.nn.Module):  # transformers stops a row at them; llama.cpp is cut below
         sampling.update(stop_strings=list(STOP_SEQUENCES), tokenizer=tokenizer)
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=completion)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda index: lengths[index])
