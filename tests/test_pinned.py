@@ -40,6 +40,11 @@ STEPS = {
 MERGED = [[-0.12795, -0.03062, 0.16198, 0.11839, -0.05759, -0.11821, 10.506],
           [0.02729, 0.11257, 0.02881, -0.00485, 0.15152, -0.03722, -22.044]]
 # scoring.evaluate_model on the untouched base, task generation, 4 new tokens
+# ... whose chat answers are empty (the untrained model emits "\n" and the end of turn), so its scores are 0.0:
+# the information is in the token ids it generates for plain prompts of different lengths, batched together
+# (scoring.generate in completion mode, 6 new tokens, batch 3), so that a change in batching, left padding, the
+# attention mask or decoding fails by name
+GENERATED = [[374, 374, 374, 374, 374, 374], [10917, 10917, 10917, 10917, 10917, 10917], [982, 982, 982, 982, 982, 982]]
 EVALUATION = {"task.bleu": 0.0, "task.rouge1": 0.0, "task.rouge2": 0.0, "task.rougeL": 0.0, "task.meteor": 0.0,
               "perplexity": 151374.15796}
 
@@ -127,3 +132,11 @@ def test_one_small_evaluation(qwen, rows):
     cfg = section("evaluate", task="generation", max_new_tokens=4, batch_size=4, general={"tasks": []})
     metrics, outputs = scoring.evaluate_model(model, tokenizer, rows[:8], cfg)
     pinned("EVALUATION", json.loads(json.dumps(metrics)), EVALUATION)
+    assert outputs == [""] * 8
+    prompts = PROMPTS + ["def add(a, b):\n"]
+    texts = scoring.generate(model, tokenizer, prompts, 6, 3, completion=True)
+    # left padding and its attention mask change nothing: each prompt alone gives the same answer
+    assert texts == [scoring.generate(model, tokenizer, [prompt], 6, 1, completion=True)[0] for prompt in prompts]
+    generated = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    assert all(generated), texts
+    pinned("GENERATED", generated, GENERATED, rel=0)
