@@ -43,7 +43,7 @@ def found_paths(folder, needles: list[str]) -> list[str]:
 def test_adapter_merged_and_release_folders_name_no_path_of_this_machine(tiny_base, tmp_path, method):
     repo = tracked_copy(tmp_path / "clone")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(method=method, max_steps=4, batch_size=4, checkpoint_steps=0, logging_steps=2)
+    params["train"].update(method=method, max_steps=4, batch_size=4, checkpoint_steps=2, logging_steps=2)
     params["train"]["prompt_tuning"]["init_text"] = "Route the ticket"  # peft records the tokenizer's folder for it
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     base = repo / "models" / "base"
@@ -64,6 +64,9 @@ def test_adapter_merged_and_release_folders_name_no_path_of_this_machine(tiny_ba
     assert "base_model: builtin" in (repo / "models" / "adapter" / "README.md").read_text()
     assert json.loads((repo / "models" / "merged" / "train_method.json").read_text())["recipe"]["base"] == "builtin"
     folders = sorted(path.name for path in (repo / "models").iterdir())
-    assert {"adapter", "base", "merged", "release"} <= set(folders), folders
+    assert {"adapter", "base", "checkpoints", "merged", "release"} <= set(folders), folders
     needles = [str(repo), str(tmp_path), str(ROOT), "/tmp/"]
     assert found_paths(repo / "models", needles) == []
+    # nor a timing: the checkpoints' trainer_state.json keeps the log history without tokens/s (in metrics/ only)
+    assert "loss" in (repo / "models" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text()
+    assert found_paths(repo / "models", ["tokens_per_second", "_runtime", "_seconds"]) == []

@@ -168,8 +168,10 @@ class Observer(TrainerCallback):
         entry = state.log_history[-1]
         if "loss" in entry:
             now, tokens = time.time(), state.num_input_tokens_seen
-            entry["tokens_per_second"] = round((tokens - self.last[1]) / max(now - self.last[0], 1e-9), 1)
             entry["num_input_tokens_seen"] = tokens
+            # a timing: logged and plotted, never put in log_history, which every checkpoint saves (a model folder
+            # holds no timing, so two runs write the same bytes); a resumed run's tokens/s curve starts where it resumed
+            entry = {**entry, "tokens_per_second": round((tokens - self.last[1]) / max(now - self.last[0], 1e-9), 1)}
             self.last = (now, tokens)
         if not state.is_world_process_zero:
             return
