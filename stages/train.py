@@ -205,6 +205,16 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def code_digest() -> str:
+    """A digest of this script and the library's Python files (names and bytes): the code a checkpoint came from.
+    In the fingerprint, so that a run DVC repeats because the code changed starts fresh rather than going on
+    from a checkpoint the old code made (the library as a whole: a superset of train's deps in dvc.yaml)."""
+    digest = hashlib.sha256()
+    for path in [Path(__file__).resolve(), *sorted((ROOT / "finetune").rglob("*.py"))]:
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_fingerprint(base_dir: Path, data_dir: Path, cfg, seed: int, placement: device.Placement | None = None) -> dict:
     """Everything that shapes the trained weights (the device and dtype too); a checkpoint made under
     another one is not resumed."""
@@ -219,7 +229,8 @@ def run_fingerprint(base_dir: Path, data_dir: Path, cfg, seed: int, placement: d
     placement = placement or device.resolve()
     return {"train": settings, "seed": seed, "base": base, "placement": {"device": placement.device, "dtype": placement.dtype},
             "data": {name: file_digest(Path(data_dir) / name) for name in ("train.jsonl", "eval.jsonl")},
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+            "code": code_digest()}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -230,8 +241,8 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def prepare_checkpoints(folder: Path, fingerprint: dict) -> Path | None:
-    """Drop incomplete checkpoints and ones made under another fingerprint; return the newest to resume."""
-    from finetune.training.trainer import complete_checkpoints
+    """Drop incomplete checkpoints and ones made under another fingerprint; return the one to resume."""
+    from finetune.training.trainer import complete_checkpoints, resumable_checkpoint
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -250,8 +261,14 @@ def prepare_checkpoints(folder: Path, fingerprint: dict) -> Path | None:
             for path in kept:
                 shutil.rmtree(path)
             return None
-        log.info("resuming from %s", kept[-1])
-        return kept[-1]
+        resume = resumable_checkpoint(folder)
+        if resume is None:  # only a checkpoint at the last step: resuming there would add a step
+            log.info("checkpoints in %s end a finished run: starting fresh", folder)
+            for path in kept:
+                shutil.rmtree(path)
+            return None
+        log.info("resuming from %s", resume)
+        return resume
     return None
 
 
@@ -386,7 +403,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from finetune.training.trainer import NonFiniteError, RunFiles, TrainData, complete_checkpoints
+    from finetune.training.trainer import NonFiniteError, RunFiles, TrainData, complete_checkpoints, resumable_checkpoint
 
     base_dir = require_complete(BASE)
     placement = device.resolve(params.device, params.dtype)
@@ -397,7 +414,7 @@ def main() -> None:
         prepare_checkpoints(CHECKPOINTS, fingerprint)
         if cfg.num_processes > 1:
             raise SystemExit(launch_processes(cfg, threads))
-    resume = (complete_checkpoints(CHECKPOINTS) or [None])[-1]
+    resume = resumable_checkpoint(CHECKPOINTS)
     data = TrainData(train=read_jsonl(DATA / "train.jsonl"), eval=read_jsonl(DATA / "eval.jsonl"))
     run = RunFiles(checkpoint_dir=CHECKPOINTS, live_dir=LIVE.parent, fingerprint=fingerprint, resume_from=resume)
     try:

@@ -225,6 +225,15 @@ def test_checkpoints_made_under_other_settings_or_half_written_are_not_resumed(t
     assert not (folder / "checkpoint-4").exists()
     assert train.prepare_checkpoints(folder, {"a": 2}) is None and [path.name for path in folder.iterdir()] == ["run.json"]
 
+    # a checkpoint at the run's last step is not gone on from (the Trainer would add a step): the one before it is
+    for step in (2, 4):
+        (folder / f"checkpoint-{step}").mkdir(exist_ok=True)
+        (folder / f"checkpoint-{step}" / "finetune.json").write_text(json.dumps({"step": step, "fingerprint": {"a": 2}}))
+        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 4}))
+    assert train.prepare_checkpoints(folder, {"a": 2}) == folder / "checkpoint-2"
+    shutil.rmtree(folder / "checkpoint-2")
+    assert train.prepare_checkpoints(folder, {"a": 2}) is None and [path.name for path in folder.iterdir()] == ["run.json"]
+
     (tmp_path / "formatted").mkdir()
     for name in ("train.jsonl", "eval.jsonl"):
         (tmp_path / "formatted" / name).write_text("{}\n")
@@ -263,6 +272,23 @@ def finish(process, timeout=120) -> str:
     output = process.communicate(timeout=timeout)[0]
     assert process.returncode == 0, output[-3000:]
     return output
+
+
+def test_a_rerun_after_a_finished_run_takes_no_extra_step_and_new_code_starts_fresh(tmp_path, tiny_base, data):
+    repo = mini_repo(tmp_path / "again", tiny_base, data, max_steps=4, checkpoint_steps=2)
+    finish(stage(repo))
+    first = json.loads((repo / "metrics" / "train.json").read_text())
+    output = finish(stage(repo))  # what `dvc repro` does when a dep of train changed but nothing in the fingerprint
+    again = json.loads((repo / "metrics" / "train.json").read_text())
+    assert "resuming from" in output and "checkpoint-2" in output, output[-2000:]
+    assert first["steps"] == again["steps"] == 4 and again["resumed_from_step"] == 2
+    assert again["tokens_seen"] == first["tokens_seen"] and abs(again["train_loss"] - first["train_loss"]) < 1e-5
+    # the code changed: the checkpoints were made by other code, so the run starts over
+    trainer_py = repo / "finetune" / "training" / "trainer.py"
+    trainer_py.write_text(trainer_py.read_text() + "\n# an edit\n")
+    output = finish(stage(repo))
+    assert "made with other settings (code)" in output and "resuming" not in output, output[-2000:]
+    assert json.loads((repo / "metrics" / "train.json").read_text())["resumed_from_step"] == 0
 
 
 def test_a_killed_run_resumes_to_the_same_adapter_and_metrics(tmp_path, tiny_base, data):

@@ -9,6 +9,7 @@ see the padding), and logits computed only where a label is trained.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -207,6 +208,20 @@ class QuietProgress(ProgressCallback):
 def complete_checkpoints(folder: Path) -> list[Path]:
     found = [path for path in Path(folder).glob("checkpoint-*") if (path / "finetune.json").exists()]
     return sorted(found, key=lambda path: int(path.name.split("-")[1]))
+
+
+def resumable_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint a run can go on from. Not one saved at the run's last step: the Trainer
+    (transformers 5.24) resumed there takes one more optimizer step before it stops (29 of max_steps 28), so
+    that run goes on from the checkpoint before it, or starts fresh."""
+    for path in reversed(complete_checkpoints(folder)):
+        state = path / "trainer_state.json"
+        if state.exists():
+            saved = json.loads(state.read_text())
+            if saved.get("max_steps") and saved["global_step"] >= saved["max_steps"]:
+                continue
+        return path
+    return None
 
 
 def open_curves(folder: Path, history: list[dict], step: int):
