@@ -206,12 +206,14 @@ def file_digest(path: Path) -> str:
 
 
 def code_digest() -> str:
-    """A digest of this script and the library's Python files (names and bytes): the code a checkpoint came from.
-    In the fingerprint, so that a run DVC repeats because the code changed starts fresh rather than going on
-    from a checkpoint the old code made (the library as a whole: a superset of train's deps in dvc.yaml)."""
+    """A digest of the project code this process runs (this script and the modules of `finetune` and `stages` it
+    has imported, names and bytes): in the fingerprint, so that a run DVC repeats because the code changed starts
+    fresh rather than going on from a checkpoint the old code made."""
+    files = {Path(module.__file__).resolve() for name, module in list(sys.modules.items())
+             if name.split(".")[0] in ("finetune", "stages", "__main__") and getattr(module, "__file__", None)}
     digest = hashlib.sha256()
-    for path in [Path(__file__).resolve(), *sorted((ROOT / "finetune").rglob("*.py"))]:
-        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    for path in sorted(files):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
