@@ -160,10 +160,13 @@ HEAP_PROBE = ROOT / "tests" / "programs" / "heap_probe.py"
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator only")
-@pytest.mark.parametrize("switch, applied, kept_mib", [("1", "True", (0, 8)), ("0", "False", (100, 200))])
+@pytest.mark.parametrize("switch, applied, kept_mib", [("1", "True", (0, 8)), ("0", "False", (0, 200))])
 def test_freed_tensors_go_back_to_the_os_not_into_glibcs_heap(switch, applied, kept_mib):
     """The train stage's first call: after a step, blocks over 1 MiB are returned when freed (glibc's
-    default keeps them in its heap once its dynamic threshold has climbed; FINETUNE_HEAP_LIMIT=0 keeps that)."""
+    default keeps them in its heap once its dynamic threshold has climbed: 128 MiB of the probe's 2 x 128 here;
+    FINETUNE_HEAP_LIMIT=0 keeps the default). What the default keeps is glibc's and the process's business (it
+    kept 0 in two full-suite runs, CI's and one here, and 128 alone, where nothing in the environment differed
+    that we could find), so with the switch off only "not applied" is asserted, and a sane number."""
     import os
     import subprocess
     import sys

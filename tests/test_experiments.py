@@ -204,10 +204,11 @@ def test_exp_run_reruns_what_status_predicts_and_reproduces_the_metrics(pipeline
 
 
 @pytest.mark.e2e
-def test_a_quality_threshold_reruns_quantize_and_its_report_only(pipeline):
+def test_a_quality_threshold_reruns_quantize_only(pipeline):
     try:
         result = sh(pipeline, "dvc", "exp", "run", "--set-param", "quantize.checks.gguf_q8_0.min_top1_agreement=0.5")
-        assert ran(result.stdout) == {"check_params", "quantize", "headline"}, result.stdout  # the report follows
+        # quantize.json comes out the same (its timings are in metrics/timings/): the headline does not rerun
+        assert ran(result.stdout) == {"check_params", "quantize"}, result.stdout
     finally:
         restore(pipeline)
 
