@@ -1,5 +1,5 @@
 # Two commands: `make run` (the default pipeline) and `make test` (the fast tier of the tests: everything but the
-# end-to-end runs of the real dvc and the model-family matrix, ~6 min); `make test-all` runs every test (CI).
+# end-to-end runs of the real dvc and the model-family matrix, ~7 min); `make test-all` runs every test (CI).
 # Each creates .venv and installs the pinned dependencies on first use; an up-to-date
 # .venv is detected by a stamp file and skipped.
 PYTHON ?= python3.11
