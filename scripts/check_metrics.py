@@ -30,8 +30,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's package
+from finetune.runtime.files import MEMORY_KEYS, TIMING_KEYS  # noqa: E402  (the stages' own split rule)
+
 SUFFIXES = (".json", ".csv", ".tsv")  # .tsv: DVCLive's training curves
-SKIP = ["*seconds*", "*per_second*", "*memory*", "*mfu*", "*framework*", "examples.json:*"]  # framework: measured RSS
+SKIP = [*TIMING_KEYS, *MEMORY_KEYS, "*framework*", "examples.json:*"]  # framework: measured RSS
 
 
 def flatten(value, prefix: str = "") -> dict[str, object]:
