@@ -354,7 +354,7 @@ def save_trained(trainer, tokenizer, cfg, eval_rows: list[dict], out_dir: Path, 
     # the logits are what the model returns: for prompt tuning, the virtual positions come first (as merge sees them)
     save_reference_logits(model, reference_prompts(eval_rows), out_dir)
     model.save_pretrained(out_dir)
-    sort_target_modules(out_dir / "adapter_config.json")
+    lora_targets.sort_in(out_dir)
     provenance.name_base_in(out_dir)  # the base by its provenance, not the path it was loaded from here
     tokenizer.save_pretrained(out_dir)
     method = {"method": cfg.method, "base": "models/base", **({"recipe": recipe} if recipe else {})}
@@ -364,16 +364,6 @@ def save_trained(trainer, tokenizer, cfg, eval_rows: list[dict], out_dir: Path, 
     if cfg.method == "prompt_tuning":
         method["num_virtual_tokens"] = cfg.prompt_tuning.num_virtual_tokens
     write_json(out_dir / "train_method.json", method)
-
-
-def sort_target_modules(config_path: Path) -> None:
-    """peft writes `target_modules` from a set, in an order that changes with Python's per-process string
-    hashing: sorted, the same training gives a byte-identical adapter (and DVC stops at it)."""
-    if config_path.exists():
-        config = json.loads(config_path.read_text())
-        if isinstance(config.get("target_modules"), list):
-            config["target_modules"] = sorted(config["target_modules"])
-            write_json(config_path, config)
 
 
 def launch_processes(cfg, threads: int) -> int:

@@ -91,6 +91,21 @@ def test_every_problem_is_named_once(tmp_path):
     assert "evaluate.max_new_tokens:" in message
 
 
+def test_a_seed_numpy_cannot_take_is_refused_by_name(tmp_path):
+    def edit(raw):
+        raw["seed"] = -1
+        raw["model"]["builtin"]["seed"] = 2**32
+        raw["quantize"]["gptq"]["calibration_seed"] = -5
+
+    with pytest.raises(ParamsError) as caught:
+        load_params(write(tmp_path, edit))
+    message = str(caught.value)
+    assert "3 problem(s)" in message
+    assert "seed: Input should be greater than or equal to 0, got -1" in message
+    assert f"model.builtin.seed: Input should be less than or equal to {2**32 - 1}, got {2**32}" in message
+    assert "quantize.gptq.calibration_seed: Input should be greater than or equal to 0, got -5" in message
+
+
 def test_cross_field_rules(tmp_path):
     def edit(raw):
         raw["model"]["builtin"]["num_heads"] = 3

@@ -262,8 +262,10 @@ def mini_repo(path, tiny_base, data, **train_params):
     return path
 
 
-def stage(repo, **kwargs):
+def stage(repo, hash_seed: str | None = None, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if hash_seed is not None:
+        env["PYTHONHASHSEED"] = hash_seed
     return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
@@ -289,6 +291,23 @@ def test_a_rerun_after_a_finished_run_takes_no_extra_step_and_new_code_starts_fr
     output = finish(stage(repo))
     assert "made with other settings (code)" in output and "resuming" not in output, output[-2000:]
     assert json.loads((repo / "metrics" / "train.json").read_text())["resumed_from_step"] == 0
+
+
+def test_two_runs_write_the_same_adapter_and_checkpoint_bytes_whatever_the_string_hashing(tmp_path, tiny_base, data):
+    """peft keeps target_modules in a set, whose order follows Python's per-process string hashing; two runs of the
+    same training (hash seeds 1 and 2 list all-linear's seven names in other orders) write the same bytes."""
+    repos = [mini_repo(tmp_path / f"hash{seed}", tiny_base, data, max_steps=2, checkpoint_steps=2) for seed in "12"]
+    for repo, seed in zip(repos, "12"):
+        finish(stage(repo, hash_seed=seed))
+
+    def files(repo):
+        folders = [repo / "models" / "adapter", repo / "models" / "checkpoints"]
+        return {path.relative_to(repo).as_posix(): path.read_bytes()
+                for folder in folders for path in sorted(folder.rglob("*")) if path.is_file()}
+
+    first, second = files(repos[0]), files(repos[1])
+    assert "models/checkpoints/checkpoint-2/adapter_config.json" in first and first.keys() == second.keys()
+    assert [name for name in first if first[name] != second[name]] == []
 
 
 def test_a_killed_run_resumes_to_the_same_adapter_and_metrics(tmp_path, tiny_base, data):
@@ -334,7 +353,6 @@ def test_two_processes_train_with_ddp_through_accelerate(tmp_path, tiny_base, da
     assert json.loads((repo / "models" / "checkpoints" / "checkpoint-4" / "finetune.json").read_text())["step"] == 4
 
 
-@pytest.mark.slow
 def test_gpu_check_dry_run_prints_the_table(tmp_path):
     """scripts/gpu_check.sh --dry-run: the GPU check's own code (train.fit for lora / qlora / full, evaluate,
     merge) on a tiny Qwen2 on the CPU, 3 steps each, and its table."""

@@ -39,6 +39,7 @@ def _threads(value):  # `auto`: every core this process may run on; a number kee
 
 
 Threads = Annotated[int, BeforeValidator(_threads), Field(gt=0)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # NumPy's seeds: a negative one would fail mid-stage
 
 
 class ParamsError(ValueError):
@@ -71,7 +72,7 @@ def read_yaml(path: Path | str = PARAMS_FILE) -> dict:
 def validate(raw: dict, sections: dict[str, type], where: str = "params.yaml", extra: str = "ignore"):
     """Validate the top-level knobs and the given sections; every problem is reported at once, by key path.
     `extra="forbid"` (check_params) also refuses unknown top-level keys."""
-    fields: dict[str, Any] = {"seed": (int, ...), "threads": (Threads, ...),
+    fields: dict[str, Any] = {"seed": (Seed, ...), "threads": (Threads, ...),
                               "device": (Literal["auto", "cpu", "cuda"], ...),  # see finetune/runtime/device.py
                               "dtype": (Literal["auto", "float32", "bfloat16", "float16"], ...)}
     fields.update({name: (schema, ...) for name, schema in sections.items()})

@@ -5,13 +5,13 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from finetune.params.core import Float, Strict
+from finetune.params.core import Float, Seed, Strict
 
 
 class Builtin(Strict):
     """The tiny Llama the project builds itself when `model.base: builtin`."""
 
-    seed: int  # its own seed, so a sweep over the training seed does not rebuild the base
+    seed: Seed  # its own seed, so a sweep over the training seed does not rebuild the base
     vocab_size: int = Field(ge=256, le=65536)
     hidden_size: int = Field(gt=0, multiple_of=64)  # bitsandbytes CPU 4-bit kernels want x64
     intermediate_size: int = Field(gt=0, multiple_of=64)

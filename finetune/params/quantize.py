@@ -5,7 +5,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, PlainValidator, field_validator, model_validator
 
-from finetune.params.core import Float, Strict
+from finetune.params.core import Float, Seed, Strict
 
 QuantFormat = Literal["gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k_m", "gptq", "awq", "bnb_int8"]
 
@@ -25,14 +25,14 @@ class Gptq(Strict):
     group_size: GroupSize  # -1: one group per row; auto: see GroupSize
     desc_act: bool
     calibration_rows: int = Field(gt=0)  # sampled from the training split, saved beside the model
-    calibration_seed: int
+    calibration_seed: Seed
 
 
 class Awq(Strict):
     bits: Literal[4]  # the AWQ GEMM checkpoint transformers and vLLM load is 4-bit only
     group_size: GroupSize  # -1: one group per row; auto: see GroupSize
     calibration_rows: int = Field(gt=0)  # sampled from the training split, saved beside the model
-    calibration_seed: int
+    calibration_seed: Seed
 
 
 class QualityCheck(Strict):

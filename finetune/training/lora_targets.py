@@ -7,6 +7,11 @@ really has, and a preset that matches none fails at once naming what the model h
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from finetune.runtime.files import write_json
+
 # preset -> candidate names, first match per role wins (unfused names, then fused ones)
 PRESETS = {
     "attention": [["q_proj", "qkv_proj", "query_key_value", "c_attn"], ["v_proj"]],
@@ -42,3 +47,14 @@ def resolve(preset, model):
         raise SystemExit(f"train.lora.target_modules={preset}: none of {PRESETS[preset]} is a linear layer of this "
                          f"model; it has {sorted(names)}: list the ones to adapt")
     return chosen
+
+
+def sort_in(adapter_dir: Path | str) -> None:
+    """peft writes adapter_config.json's `target_modules` from a set, in an order that changes with Python's
+    per-process string hashing: sorted, the same training gives byte-identical adapters and checkpoints (and DVC
+    stops at them). Called on the adapter and on every checkpoint."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if isinstance(config.get("target_modules"), list):
+            write_json(config_path, {**config, "target_modules": sorted(config["target_modules"])})

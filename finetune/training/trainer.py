@@ -27,6 +27,7 @@ from finetune.models.provenance import name_base_in
 from finetune.runtime.env import VERBOSE
 from finetune.runtime.device import peak_rss_mb
 from finetune.runtime.files import write_json
+from finetune.training import lora_targets
 from finetune.training.batching import LengthGroupedSampler, pack
 
 log = logging.getLogger("finetune.train")
@@ -193,6 +194,7 @@ class Observer(TrainerCallback):
             torch.distributed.barrier()  # every process has written its RNG state
         if state.is_world_process_zero:
             name_base_in(path)  # peft's adapter_config.json and card name the base's folder on this machine
+            lora_targets.sort_in(path)  # and list target_modules in a per-process order
             write_json(path / "finetune.json", {"step": state.global_step, "fingerprint": self.fingerprint})
             for old in complete_checkpoints(args.output_dir)[:-self.keep_checkpoints]:
                 shutil.rmtree(old)
