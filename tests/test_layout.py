@@ -170,3 +170,90 @@ def test_the_readme_code_map_names_every_room_and_nothing_else():
     entries = code_map()
     assert set(entries) == expected, (sorted(set(entries) - expected), sorted(expected - set(entries)))
     assert all(len(text) < 160 for text in entries.values()), "one job per row: keep it short"
+
+
+def params_reference() -> list[tuple[list[str], str]]:
+    """README's params table as (full keys of a row, its `shipped` cell): `a.b.{x,y}` and `a.b.x`, `y` name
+    siblings; a `a.*` or `a.<name>.{x,y}` row stands for many keys and comes with an empty `shipped`."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("| key | shipped | meaning |"):]
+    rows = []
+    for line in section.splitlines()[2:]:
+        if not line.startswith("| `"):
+            break
+        keys_cell, shipped = (cell.strip() for cell in line.split("|")[1:3])
+        names = re.findall(r"`([^`]+)`", keys_cell)
+        if "*" in keys_cell or "<" in keys_cell:
+            shipped = ""
+        first = names[0]
+        if "{" in first:
+            parent, children = re.fullmatch(r"(.+)\.\{(.+)\}", first).groups()
+            keys = [f"{parent}.{child}" for child in children.split(",")]
+        else:
+            parent = first.rpartition(".")[0]
+            keys = [first] + [name if name.count(".") == first.count(".") else f"{parent}.{name}" for name in names[1:]]
+        rows.append((keys, shipped))
+    return rows
+
+
+def split_values(cell: str) -> list[str]:
+    """`1, [a, b], null` -> ['1', '[a, b]', 'null'] (commas inside brackets stay)."""
+    values, depth, current = [], 0, ""
+    for char in cell.replace("`", ""):
+        depth += char in "[{" or -(char in "]}")
+        if char == "," and not depth:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return values + [current.strip()]
+
+
+def same_value(written: str, value) -> bool:
+    parsed = yaml.safe_load(written)
+    if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool) and isinstance(parsed, str)):
+        try:
+            return float(parsed) == float(value)
+        except (TypeError, ValueError):
+            return False
+    return parsed == value
+
+
+def test_the_readme_params_reference_names_real_keys_with_their_shipped_values():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def lookup(key):
+        value = params
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return KeyError(key)
+            value = value[part]
+        return value
+
+    rows, wrong = params_reference(), []
+    assert len(rows) > 40
+    for keys, shipped in rows:
+        if any("*" in key or "<" in key for key in keys):
+            continue  # a row for many keys
+        values = [lookup(key) for key in keys]
+        wrong += [f"{key}: not in params.yaml" for key, value in zip(keys, values) if isinstance(value, KeyError)]
+        if not shipped or shipped.startswith("see ") or "…" in shipped or any(isinstance(v, (dict, KeyError)) for v in values):
+            continue
+        written = split_values(shipped)
+        written = written * len(keys) if len(written) == 1 else written
+        if len(written) != len(keys):
+            wrong.append(f"{keys}: {len(keys)} keys, shipped {shipped!r}")
+            continue
+        wrong += [f"{key}: README {text!r}, params.yaml {value!r}" for key, text, value in zip(keys, written, values)
+                  if not same_value(text, value)]
+    # and every knob of params.yaml has its row (`a.*` and `<name>` rows cover many)
+    patterns = [re.escape(key).replace(r"\*", ".+") for keys, _ in rows for key in keys]
+    patterns = [re.sub(r"<[^>]+>", "[^.]+", pattern.replace(r"\<", "<").replace(r"\>", ">")) for pattern in patterns]
+
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            yield from leaves(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [f"{prefix}{key}"]
+
+    wrong += [f"{leaf}: no row in README's params reference" for leaf in leaves(params)
+              if not any(re.fullmatch(pattern, leaf) for pattern in patterns)]
+    assert not wrong, "\n".join(wrong)
