@@ -174,7 +174,7 @@ def test_the_readme_code_map_names_every_room_and_nothing_else():
 
 def params_reference() -> list[tuple[list[str], str]]:
     """README's params table as (full keys of a row, its `shipped` cell): `a.b.{x,y}` and `a.b.x`, `y` name
-    siblings; a `a.*` or `a.<name>.{x,y}` row stands for many keys and comes with an empty `shipped`."""
+    siblings; a `a.*` or `a.<name>.{x,y}` row stands for many keys."""
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("| key | shipped | meaning |"):]
     rows = []
@@ -183,8 +183,6 @@ def params_reference() -> list[tuple[list[str], str]]:
             break
         keys_cell, shipped = (cell.strip() for cell in line.split("|")[1:3])
         names = re.findall(r"`([^`]+)`", keys_cell)
-        if "*" in keys_cell or "<" in keys_cell:
-            shipped = ""
         first = names[0]
         if "{" in first:
             parent, children = re.fullmatch(r"(.+)\.\{(.+)\}", first).groups()

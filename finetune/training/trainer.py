@@ -194,7 +194,7 @@ class Observer(TrainerCallback):
             torch.distributed.barrier()  # every process has written its RNG state
         if state.is_world_process_zero:
             name_base_in(path)  # peft's adapter_config.json and card name the base's folder on this machine
-            lora_targets.sort_in(path)  # and list target_modules in a per-process order
+            lora_targets.sort_in(path)  # and lists target_modules in a per-process order: sorted
             write_json(path / "finetune.json", {"step": state.global_step, "fingerprint": self.fingerprint})
             for old in complete_checkpoints(args.output_dir)[:-self.keep_checkpoints]:
                 shutil.rmtree(old)
