@@ -17,5 +17,5 @@ from finetune.runtime import env as _env
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: params.yaml, dvc.yaml, data/, models/
 
-_env.pin_cpu_code_paths()
+_env.pin_cpu_code_paths(ROOT / "params.yaml")
 _env.quiet_libraries()

@@ -2,7 +2,8 @@
 and of one small evaluation, on a seeded tiny Qwen2-family model with its real tokenizer (built offline by
 scripts/family_models.py, independent of this project's corpus). Any change to loss masking, loss
 scaling, templates, merging or scoring fails here by name. With torch's CPU float paths pinned
-(finetune/runtime/env.py CPU_PINS) these hold on any x86-64 CPU with AVX2; update them only deliberately:
+(finetune/runtime/env.py: CPU_PINS and MKL's vendor check) these hold on any x86-64 CPU with AVX2, Intel or AMD
+(the qlora row was measured the same on an Intel Xeon and an AMD EPYC); update them only deliberately:
 
     PIN_PRINT=1 python -m pytest -q -s tests/test_pinned.py   # prints the current values as Python literals
 """
@@ -33,7 +34,7 @@ PROMPTS = ["The capital of France is", "Route this ticket: my card was charged t
 STEPS = {
     "full": [(11.937885284423828, 6.297232), (11.65589427947998, 4.747439), (11.41228199005127, 4.391563)],
     "lora": [(11.937885284423828, 1.177055), (11.767440795898438, 0.951346), (11.547122955322266, 0.873681)],
-    "qlora": [(11.939383506774902, 1.215354), (11.770849227905273, 0.984406), (11.541781425476074, 0.853945)],
+    "qlora": [(11.939475059509277, 1.215976), (11.770963668823242, 0.984636), (11.541769981384277, 0.853328)],
     "prompt_tuning": [(11.943619728088379, 0.011173), (11.932291984558105, 0.013003), (11.923321723937988, 0.009491)],
 }
 # the merged LoRA model: the last position's first 6 logits for each prompt, and the sum of all its logits

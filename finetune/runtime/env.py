@@ -6,6 +6,8 @@ Kept free of heavy imports so that `params.yaml` is validated in well under a se
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import logging
 import os
 import platform
@@ -14,20 +16,112 @@ import re
 import sys
 from pathlib import Path
 
-# The float code paths of torch on x86-64, pinned to what every AVX2 CPU has, so that the same params, data
-# and seed give bit-identical metrics on any such machine, whatever its vendor or vector width: ATen's
-# vectorised kernels (softmax, norms, reductions) at AVX2 rather than AVX-512 where the CPU has it, MKL's
-# GEMM in conditional numerical reproducibility mode on its AVX2 branch (Intel otherwise picks its kernel
-# by CPU), oneDNN (bf16 paths) at AVX2. Set before torch is imported (importing the `finetune`
-# package does it); a value already in the environment wins; FINETUNE_CPU_PINS=0 turns them off (README "Determinism").
+# `kernels` (params.yaml, top level): `reproducible` (the default) pins every float path of torch on x86-64 that
+# picks its code by CPU, so that the same params, data and seed give bit-identical numbers on any AVX2 CPU, Intel
+# or AMD; `native` lets each library use the best code the CPU has (AVX-512, AMX), faster and not bit-stable.
+# The pins, set before torch is imported (importing the `finetune` package does it; a value already in the
+# environment wins):
+# - ATen's vectorised kernels (softmax, norms, reductions) at AVX2 rather than AVX-512 where the CPU has it;
+# - MKL's GEMM and vector math (torch.exp, log, sin, cos, tanh, erf) in conditional numerical reproducibility
+#   mode on its AVX2 branch, and MKL told that the CPU is an Intel one (`pin_mkl_vendor`): MKL honours
+#   MKL_CBWR only on Intel CPUs. On an AMD EPYC it took a generic path whatever MKL_CBWR said: small GEMMs
+#   without FMA, other K-blocking (256x256x256 summed in blocks of 128 where Intel's AVX2 branch sums all 256),
+#   another exp; with the vendor check answered "Intel" every line of the kernel fingerprint equals an Intel
+#   Xeon's (README "Determinism");
+# - oneDNN (bf16 paths) at AVX2.
 CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+KERNELS = ("reproducible", "native")
+KERNELS_ENV = "FINETUNE_KERNELS"  # overrides params.yaml's `kernels` (benchmarks compare both in one checkout)
+applied_kernels = "native"  # what this process runs with: set by pin_cpu_code_paths()
 
 
-def pin_cpu_code_paths() -> None:
-    if os.environ.get("FINETUNE_CPU_PINS", "1") != "0" and platform.machine().lower() in ("x86_64", "amd64"):
-        for name, value in CPU_PINS.items():
-            os.environ.setdefault(name, value)
+def kernels_setting(params_file: Path) -> str:
+    """`kernels` from the environment, else from params.yaml's top level (read as text: torch is not imported
+    yet and params are not validated yet; check_params validates the value); `FINETUNE_CPU_PINS=0`, the older
+    switch, means native."""
+    if os.environ.get(KERNELS_ENV):
+        return os.environ[KERNELS_ENV]
+    if os.environ.get("FINETUNE_CPU_PINS") == "0":
+        return "native"
+    try:
+        found = re.search(r"^kernels:\s*['\"]?(\w+)", params_file.read_text(encoding="utf-8"), re.MULTILINE)
+    except OSError:
+        found = None
+    return found.group(1) if found else "reproducible"
 
+
+def pin_cpu_code_paths(params_file: Path) -> None:
+    global applied_kernels
+    applied_kernels = kernels_setting(params_file)
+    if applied_kernels != "reproducible" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    for name, value in CPU_PINS.items():
+        os.environ.setdefault(name, value)
+    if "torch" in sys.modules:
+        pin_mkl_vendor()
+    else:
+        sys.meta_path.insert(0, _AfterImport("torch", pin_mkl_vendor))
+
+
+def pin_mkl_vendor() -> bool:
+    """Make MKL (linked into libtorch_cpu) take its Intel code paths on any x86-64 CPU, so that MKL_CBWR holds
+    on AMD too. MKL asks `mkl_serv_intel_cpu_true()`, which caches the CPUID vendor check in a static int read
+    by its first instruction (`mov eax, [rip+disp32]`); setting that int to 1 answers "Intel" from then on, the
+    in-process form of the known LD_PRELOAD override of that function. Runs right after torch is imported,
+    before any tensor operation lets MKL pick its kernels. A build whose function starts otherwise is left as
+    it is (False; the kernel fingerprint then shows whether it matters)."""
+    import ctypes
+    import struct
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        library = ctypes.CDLL(str(Path(spec.origin).parent / "lib" / "libtorch_cpu.so"))
+        address = ctypes.cast(library.mkl_serv_intel_cpu_true, ctypes.c_void_p).value
+    except (OSError, AttributeError, TypeError):  # no MKL in this torch (ARM, another build)
+        return False
+    code = ctypes.string_at(address, 6)
+    if code[:2] != b"\x8b\x05":
+        return False
+    ctypes.c_int.from_address(address + 6 + struct.unpack("<i", code[2:])[0]).value = 1
+    return ctypes.CFUNCTYPE(ctypes.c_int)(address)() == 1
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `action` once, right after the module `name` has been imported (by whoever imports it first)."""
+
+    def __init__(self, name: str, action):
+        self.name, self.action = name, action
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        for finder in sys.meta_path:  # what the import system would find without us (find_spec() alone asks too)
+            spec = None if finder is self else finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def run(module):
+                exec_module(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
+                    self.action()
+
+            spec.loader.exec_module = run
+        return spec
+
+
+def check_kernels(setting: str) -> str:
+    """A stage that computes in floats reads `kernels` here (so dvc.yaml lists it and a change reruns the stage)
+    and records the result; the process was pinned, or not, when the package was imported."""
+    if setting != applied_kernels:
+        logging.getLogger("finetune").warning("kernels: params.yaml says %s, this process runs %s (%s or "
+                                              "FINETUNE_CPU_PINS in the environment)", setting, applied_kernels,
+                                              KERNELS_ENV)
+    return applied_kernels
 
 
 # --------------------------------------------------------------------------- quiet output
