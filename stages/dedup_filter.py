@@ -7,7 +7,8 @@ are processed train -> eval -> test against one shared index of kept rows, so th
 is kept: a duplicate of a training row is removed from eval/test (`*_of_train`: no leakage), and
 within a split the earliest row (file order) represents its cluster.
 `metrics/data.json`: rows_in = rows_kept + rejected + sum(removed), overall and per split
-(rejected rows never reach a split). `metrics/data_lengths.csv`: token-length histogram of the
+(rejected rows never reach a split), and each source's counts and provenance from ingest (name,
+license, citation, url; a wheel's pin). `metrics/data_lengths.csv`: token-length histogram of the
 rows before and after this stage.
 """
 from __future__ import annotations
@@ -181,7 +182,8 @@ def account(per_split: dict, ingest_summary: dict) -> dict:
             totals[reason] = totals.get(reason, 0) + count
     report = {"rows_in": ingest_summary["rows_in"], "rejected": ingest_summary["rejected"],
               "rows_kept": sum(counts["rows_kept"] for counts in per_split.values()),
-              "removed": dict(sorted(totals.items())), "splits": per_split}
+              "removed": dict(sorted(totals.items())), "splits": per_split,
+              "sources": ingest_summary.get("sources", {})}  # each source's counts and provenance, beside the numbers
     balance = report["rows_kept"] + report["rejected"] + sum(totals.values())
     problems = [f"rows_in={report['rows_in']} but kept+rejected+removed={balance}"] if balance != report["rows_in"] else []
     problems += [f"{name}: rows_in={counts['rows_in']} but kept+removed={counts['rows_kept'] + sum(counts['removed'].values())}"

