@@ -16,7 +16,11 @@ The default is exact: with torch's CPU float paths pinned (finetune/runtime/env.
 built for one instruction set, any x86-64 CPU with AVX2 reproduces the committed numbers to the bit.
 `--tolerance` (rtol 1e-3, atol 1e-4) is for a path that cannot be made bit-stable (a GPU, another
 architecture): loose enough for float noise in losses and perplexities, tight enough that one flipped
-test prediction fails it (it moves accuracy by 1/180 = 0.0056 on the default task, per-class scores more).
+test prediction fails it (it moves accuracy by 1/154 = 0.0065 on the default task, per-class scores more).
+
+Metrics record the `kernels` mode that made them (params.yaml). When the two sets were made in different modes
+(`native` against the committed `reproducible`), the comparison is not about bits but about whether the model is
+the same one: KERNELS_TOLERANCE applies, stated below, and the mode keys themselves are not compared.
 """
 from __future__ import annotations
 
@@ -97,6 +101,20 @@ def agree(expected, actual, rtol: float, atol: float) -> bool:
 
 
 TOLERANCE = {"rtol": 1e-3, "atol": 1e-4}
+# reproducible against native kernels: the same run diverges slowly (another summation order in every GEMM, step
+# after step), so losses, perplexities and logit differences move in their third or fourth digit and a
+# near-tie test prediction may flip. Measured (README "Determinism"): see KERNELS_TOLERANCE_MEASURED there.
+KERNELS_TOLERANCE = {"rtol": 0.02, "atol": 0.02}
+
+
+def kernels_of(files: dict[str, str]) -> str | None:
+    """The `kernels` mode a metrics set records (train.json or eval.json), None when it records none."""
+    for name in ("train.json", "eval.json", "quantize.json", "merge.json"):
+        if name in files:
+            value = json.loads(files[name]).get("kernels")
+            if value:
+                return value
+    return None
 
 
 def compare(expected: dict[str, str], actual: dict[str, str], rtol: float = 0.0, atol: float = 0.0,
@@ -136,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     actual = read_folder(Path(args.actual or args.expected))
     if not expected:
         raise SystemExit(f"no *.json or *.csv metrics found in {args.expected}" + (f" at {args.rev}" if args.rev else ""))
-    problems = compare(expected, actual, rtol, atol, SKIP + args.skip)
+    skip = SKIP + args.skip
+    modes = kernels_of(expected), kernels_of(actual)
+    if modes[0] != modes[1] and None not in modes and args.rtol is None and args.atol is None and not args.exact:
+        rtol, atol = max(rtol, KERNELS_TOLERANCE["rtol"]), max(atol, KERNELS_TOLERANCE["atol"])
+        skip = skip + ["*kernels*"]
+        print(f"kernels: expected {modes[0]}, actual {modes[1]}: comparing across modes (rtol {rtol:g}, atol {atol:g})")
+    problems = compare(expected, actual, rtol, atol, skip)
     where = f"{args.expected} at {args.rev}" if args.rev else args.expected
     if problems:
         print(f"{len(problems)} difference(s) between {where} and {args.actual or args.expected} "

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from finetune import ROOT
 from finetune.models import gguf, provenance, wheel
-from finetune.runtime.env import offline_by_default, seed_everything
+from finetune.runtime.env import check_kernels, offline_by_default, seed_everything
 from finetune.runtime.files import atomic_dir, read_jsonl, write_json
 from finetune.runtime.stage import setup
 from finetune.params.model import ModelParams
@@ -211,13 +211,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(params.threads)
+    kernels = check_kernels(params.kernels)
     started = time.time()
     with atomic_dir(OUT) as tmp:
         info = (build_builtin(cfg.builtin, tmp) if kind == "builtin" else from_gguf(cfg, tmp) if kind in ("wheel", "gguf")
                 else fetch(cfg.base, cfg.revision, tmp))
         info.update(check_vocabulary(tmp))
         write_json(tmp / "base.json", info)
-    write_json(TIMINGS, {"wall_seconds": round(time.time() - started, 1)})
+    write_json(TIMINGS, {"wall_seconds": round(time.time() - started, 1), "kernels": kernels})
     log.info("base model ready in %s: %s", OUT.relative_to(ROOT), json.dumps(info))
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from finetune.runtime import device
 from finetune import ROOT
 from finetune.models import provenance
-from finetune.runtime.env import offline_by_default
+from finetune.runtime.env import check_kernels, offline_by_default
 from finetune.runtime.files import atomic_dir, require_complete, write_json, write_metrics
 from finetune.runtime.stage import setup
 from finetune.training.reference import REFERENCE, load_reference_logits
@@ -198,7 +198,7 @@ def main() -> None:
                        where=placement.device)
         if (adapter / "format.json").exists():
             shutil.copy(adapter / "format.json", tmp / "format.json")
-    write_metrics(METRICS, report)
+    write_metrics(METRICS, {**report, "kernels": check_kernels(params.kernels)})
     log.info("merge done: %s in %s, max logit diff vs adapter %.3g (metrics/merge.json)", report["method"], report["dtype"],
              report["max_logit_diff_vs_adapter"])
 

@@ -34,7 +34,7 @@ from finetune.export import gptq, llamacpp
 from finetune.params.evaluate import Evaluate
 from finetune.params.quantize import Quantize
 from finetune.runtime import device
-from finetune.runtime.env import offline_by_default, quiet_gptqmodel
+from finetune.runtime.env import check_kernels, offline_by_default, quiet_gptqmodel
 from finetune.runtime.files import atomic_dir, read_jsonl, require_complete, write_metrics, write_text
 from finetune.runtime.stage import setup
 
@@ -312,7 +312,8 @@ def main() -> None:
         report = quantize(QuantizeJob(merged_dir, tmp, read_jsonl(DATA / "test.jsonl"), read_jsonl(DATA / "train.jsonl"),
                                       params.quantize, params.evaluate, params.threads, placement))
         problems = failed_checks(report, params.quantize.checks, params.quantize.max_task_drop_standard_errors)
-        write_metrics(METRICS, {**flatten(report), "checks_failed": len(problems), **device.memory_metrics(placement)})
+        write_metrics(METRICS, {**flatten(report), "checks_failed": len(problems), "kernels": check_kernels(params.kernels),
+                                **device.memory_metrics(placement)})
         if problems:
             raise SystemExit("quantize: quality checks failed (metrics/quantize.json has every number):\n  - "
                              + "\n  - ".join(problems))

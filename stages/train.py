@@ -38,7 +38,7 @@ from finetune.training import lora_targets
 from finetune.training import memory_plan
 from finetune import ROOT
 from finetune.models import provenance
-from finetune.runtime.env import offline_by_default, seed_everything
+from finetune.runtime.env import check_kernels, offline_by_default, seed_everything
 from finetune.runtime.files import atomic_dir, read_jsonl, require_complete, write_json, write_metrics
 from finetune.runtime.stage import setup
 from finetune.training.reference import reference_prompts, save_reference_logits
@@ -421,6 +421,7 @@ def main() -> None:
         recipe = {"base": provenance.base_name(base_dir), "seed": params.seed, "train": fingerprint["train"]}
         save_trained(trainer, tokenizer, cfg, data.eval or data.train, tmp, recipe)
         write_json(tmp / "format.json", {"fingerprint": json.loads((DATA / "format.json").read_text())["fingerprint"]})
+    metrics["kernels"] = check_kernels(params.kernels)
     metrics["peak_memory_mb"] = device.peak_rss_mb()  # the whole stage's, saving included (as the plan counts it)
     write_metrics(METRICS, metrics)
     log.info("train done: %d steps, train_loss %.4f, eval_loss %s, %s tokens/s, peak %d MiB (metrics/train.json)",

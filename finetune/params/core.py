@@ -74,7 +74,8 @@ def validate(raw: dict, sections: dict[str, type], where: str = "params.yaml", e
     `extra="forbid"` (check_params) also refuses unknown top-level keys."""
     fields: dict[str, Any] = {"seed": (Seed, ...), "threads": (Threads, ...),
                               "device": (Literal["auto", "cpu", "cuda"], ...),  # see finetune/runtime/device.py
-                              "dtype": (Literal["auto", "float32", "bfloat16", "float16"], ...)}
+                              "dtype": (Literal["auto", "float32", "bfloat16", "float16"], ...),
+                              "kernels": (Literal["reproducible", "native"], ...)}  # finetune/runtime/env.py
     fields.update({name: (schema, ...) for name, schema in sections.items()})
     model = create_model("Params", __config__=ConfigDict(extra=extra, strict=True, frozen=True), **fields)
     try:

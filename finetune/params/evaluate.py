@@ -32,10 +32,11 @@ class CodingEval(Strict):
 
 
 class GeneralEval(Strict):
-    tasks: list[str]  # lm-eval tasks: data/general/*.yaml, or any harness task (network)
-    limit: Optional[int] = Field(gt=0)  # documents per task; null = all
-    max_drop: Float = Field(ge=0)  # worst allowed fall of a general score after fine-tuning
-    on_drop: Literal["warn", "fail"]
+    """The forgetting check: general scores before and after fine-tuning, each drop with a paired 95% interval."""
+    tasks: list[str]  # lm-eval tasks: data/general/*.yaml (offline), or any harness task (network)
+    limit: Optional[int] = Field(gt=0)  # documents per task (spread over a wheel benchmark's file); null = all
+    max_drop: Float = Field(ge=0)  # worst allowed fall of a task's reported score at its point estimate
+    on_drop: Literal["warn", "fail"]  # what a drop past max_drop does (the verdict also says if it is significant)
 
 
 class Evaluate(Strict):
