@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # stages/ and finetune/, for the parent and the "ours" child
 RUNS = ("ours", "trl_padding_free", "trl_bfd")
 LABELS = {"ours": "ours: train stage (fit)", "trl_padding_free": "TRL SFTTrainer, padding_free=True",
-          "trl_bfd": "TRL SFTTrainer, packing bfd", "ours_heap": "ours, FINETUNE_HEAP_LIMIT=0"}
+          "trl_bfd": "TRL SFTTrainer, packing bfd", "ours_native": "ours, kernels: native",
+          "ours_heap": "ours, glibc's default heap", "ours_mmap": "ours, blocks > 1 MiB mmapped (old)"}
 FP32_LANES_AVX2, FMA_UNITS, FLOPS_PER_FMA = 8, 2, 2  # AVX2 under the pins; Zen 3/4 and recent Intel: 2 FMA units
 
 
@@ -52,11 +53,14 @@ def clock():
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started = (time.perf_counter(), time.process_time())
+            self.started = (time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF))
 
         def on_train_end(self, args, state, control, **kwargs):
             self.seconds = time.perf_counter() - self.started[0]
             self.cpu_seconds = time.process_time() - self.started[1]
+            usage, before = resource.getrusage(resource.RUSAGE_SELF), self.started[2]
+            self.minor_faults = usage.ru_minflt - before.ru_minflt  # pages mapped fresh (zero-filled) in the loop
+            self.system_seconds = usage.ru_stime - before.ru_stime  # CPU time in the kernel (faults, unmapping)
 
     return Clock()
 
@@ -89,6 +93,7 @@ def run_ours(spec: dict) -> dict:
         trainer, _, _ = train.fit(Path(spec["base"]), TrainData(train=rows, eval=[]), cfg, spec["seed"], run, [timer])
     real, processed = trainer.session_tokens
     return {"tokens": real, "processed": processed, "seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds,
+            "minor_faults": timer.minor_faults, "system_seconds": timer.system_seconds,
             **curves(trainer.state.log_history), "threads": torch.get_num_threads(),
             "examples_per_step": cfg.batch_size}
 
@@ -134,6 +139,7 @@ def run_trl(spec: dict) -> dict:
     # TRL's own count (num_tokens): every position of the flattened rows, all real tokens
     tokens = int([entry["num_tokens"] for entry in history if "num_tokens" in entry][-1])
     return {"tokens": tokens, "processed": tokens, "seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds,
+            "minor_faults": timer.minor_faults, "system_seconds": timer.system_seconds,
             **curves(history), "threads": torch.get_num_threads(),
             "examples_per_step": len(rows) / len(trainer.train_dataset) if packed else train["batch_size"]}
 
@@ -271,8 +277,10 @@ def main() -> None:
         quiet = {"OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
                  "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         pinned = {**os.environ, **quiet}  # importing finetune above put the pins into os.environ
+        unpinned = {name: value for name, value in pinned.items() if name not in CPU_PINS}
         environments = {"ours": pinned, "ours_heap": {**pinned, "FINETUNE_HEAP_LIMIT": "0"},
-                        "trl_padding_free": {name: value for name, value in pinned.items() if name not in CPU_PINS}}
+                        "ours_mmap": {**pinned, "FINETUNE_HEAP_LIMIT": "mmap"},
+                        "ours_native": {**unpinned, "FINETUNE_KERNELS": "native"}, "trl_padding_free": unpinned}
         environments["trl_bfd"] = environments["trl_padding_free"]
         load_before = uptime()
         results: dict[str, list[dict]] = {name: [] for name in runs}
@@ -298,7 +306,7 @@ def main() -> None:
     print(f"model FLOPs per token {flops / 1e6:.0f}M = {counted}")
     print(f"core fp32 peak: {peak_source}")
     print(f"\n{'run':<36} {'tokens/s':>9} {'tok/CPU-s':>10} {'padding':>8} {'ex/step':>8} {'GFLOP/s/core':>13} "
-          f"{'of peak':>8} {'peak lr':>8} {'RSS MiB':>8}  losses (first run), decreasing")
+          f"{'of peak':>8} {'peak lr':>8} {'RSS MiB':>8} {'faults/s':>9} {'kernel':>7}  losses (first run), decreasing")
     for name in runs:
         first = results[name][0]
         per_core = flops * cpu[name]  # tokens per CPU-second: per core while it ran (spin-waits of idle threads count)
@@ -308,7 +316,8 @@ def main() -> None:
         padding = 1 - first["tokens"] / first["processed"]
         print(f"{LABELS[name]:<36} {wall[name]:>9,.1f} {cpu[name]:>10,.1f} {padding:>8.3f} "
               f"{first['examples_per_step']:>8.1f} {per_core / 1e9:>13.2f} {per_core / peak:>7.1%} "
-              f"{first['peak_lr']:>8.2g} {max(r['peak_rss_mib'] for r in results[name]):>8,.0f}  "
+              f"{first['peak_lr']:>8.2g} {max(r['peak_rss_mib'] for r in results[name]):>8,.0f} "
+              f"{first['minor_faults'] / first['seconds']:>9,.0f} {first['system_seconds'] / first['cpu_seconds']:>7.1%}  "
               f"{' '.join(f'{loss:.3f}' for loss in losses)}, {'yes' if falling else 'NO'}")
     # within a factor of 2: the first step after warmup is already below the peak on a short cosine schedule
     wrong = [LABELS[name] for name in runs

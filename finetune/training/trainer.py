@@ -25,6 +25,7 @@ from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArg
 from finetune.data import IGNORE
 from finetune.models.provenance import name_base_in
 from finetune.runtime.env import VERBOSE
+from finetune.runtime import device
 from finetune.runtime.device import peak_rss_mb
 from finetune.runtime.files import write_json
 from finetune.training import lora_targets
@@ -159,6 +160,7 @@ class Observer(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = (time.time(), state.num_input_tokens_seen)
+        device.reuse_heap_in_loop()
         if state.is_world_process_zero:
             self.live = open_curves(self.live_dir, state.log_history, state.global_step)
 
