@@ -133,6 +133,35 @@ def test_perplexity_and_label_likelihood_agree_with_the_models_own_loss(tiny):
         assert choice == max(scores, key=scores.get)
 
 
+def test_constrained_decoding_answers_only_with_a_label_and_picks_the_greedy_one_among_them(tiny):
+    """`classification.scoring: constrained`: each step may only continue a label's tokens; the answer is a whole
+    label, and the one greedy decoding reaches when every other token is ruled out (checked by hand, step by step)."""
+    import torch
+
+    model, tokenizer = tiny
+    questions = ["Is the sky blue?", "Name a colour of grass.", "Which queue handles refunds for broken items?"]
+    choices = ["yes", "green", "returns", "no refunds here"]
+    rows = rows_for(tokenizer, zip(questions, ["yes", "green", "returns"]))
+    allowed = scoring.label_prefixes(tokenizer, rows, choices)
+    free = scoring.generate(model, tokenizer, [row["prompt"] for row in rows], 12, batch_size=2)
+    answers = scoring.generate(model, tokenizer, [row["prompt"] for row in rows], 12, batch_size=2, allowed=allowed)
+    assert all(answer in choices for answer in answers), answers
+    assert not all(answer in choices for answer in free)  # the untrained tiny model does not answer with labels
+    stops = scoring.stop_ids(model, tokenizer)
+    for row, answer in zip(rows, answers):
+        ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        new: list[int] = []
+        while True:  # greedy over the allowed tokens only, one forward pass a step
+            options = allowed.get(tuple(new), stops)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids + new])).logits[0, -1]
+            token = max(options, key=lambda option: logits[option].item())
+            if token in stops:
+                break
+            new.append(token)
+        assert tokenizer.decode(new, skip_special_tokens=True).strip() == answer
+
+
 def full_logits_reference(model, row, virtual=0):
     """What scoring computed before it kept logits only where needed: every position, one row, then pick."""
     import torch

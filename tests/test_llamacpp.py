@@ -157,6 +157,27 @@ def test_generate_takes_a_decoding_or_transformers_keywords(exported):
         lm.generate(ids, decoding=decoding, max_new_tokens=6)
 
 
+def test_llamacpp_constrained_decoding_follows_the_same_table_as_transformers(exported):
+    """The quantize stage scores GGUF files with the evaluate stage's code: constrained decoding reaches llama.cpp as a
+    logits processor and gives the f16 file the labels transformers gives the model it came from."""
+    from finetune.evaluation import scoring
+
+    model, hf_tok, files = exported
+    prompts = [hf_tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+               for text in ["the quick brown fox", "a b c d e", "which team handles refunds"]]
+    choices = ["the quick", "brown", "fox jumps over"]
+    continuations = [hf_tok(choice + "\n", add_special_tokens=False)["input_ids"] for choice in choices]
+    allowed = {}
+    for continuation in continuations:
+        for position, token in enumerate(continuation):
+            allowed.setdefault(tuple(continuation[:position]), set()).add(token)
+    allowed = {prefix: sorted(tokens) for prefix, tokens in allowed.items()}
+    expected = scoring.generate(model, hf_tok, prompts, 10, batch_size=3, allowed=allowed)
+    lm = llamacpp.LlamaCppLM(files["f16"], generation_config=model.generation_config)
+    assert scoring.generate(lm, hf_tok, prompts, 10, batch_size=3, allowed=allowed) == expected
+    assert all(answer in choices for answer in expected), expected
+
+
 def test_decoding_from_transformers_keywords():
     decoding = llamacpp.Decoding.from_generate_kwargs(max_new_tokens=4, eos_token_id=[2, 7, None], pad_token_id=None,
                                                       use_cache=True, do_sample=True, temperature=0.8, top_p=0.9,

@@ -151,13 +151,15 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, num_samples: int = 1,
-             temperature: float = 1.0, top_p: float = 1.0, completion: bool = False) -> list[str]:
+             temperature: float = 1.0, top_p: float = 1.0, completion: bool = False,
+             allowed: dict[tuple, list[int]] | None = None) -> list[str]:
     """Batched, left-padded generation with the KV cache, on the model's device: greedy, or `num_samples`
     sampled answers per prompt (returned consecutively). Prompts are batched by length, answers come back in
     order. transformers computes logits only at the last position of each step. A chat prompt already holds
     its special tokens and the answer comes back stripped; a `completion` prompt (plain code) gets the
     tokenizer's own (BOS where it adds one), stops at HumanEval's stop sequences, and comes back as generated
-    up to the first of them: its indentation is part of the program."""
+    up to the first of them: its indentation is part of the program. `allowed` (label_prefixes) restricts greedy
+    decoding to the token sequences it holds: each step may only continue one of them."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -173,10 +175,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         batch = order[start:start + batch_size]
         encoded = tokenizer([prompts[index] for index in batch], return_tensors="pt", padding=True,
                             add_special_tokens=completion).to(input_device(model))  # a chat template placed BOS
+        stops = stop_ids(model, tokenizer)
+        if allowed is not None:
+            width = encoded["input_ids"].shape[1]
+            sampling["prefix_allowed_tokens_fn"] = lambda row, ids: allowed.get(tuple(ids[width:].tolist()), stops)
         with torch.no_grad():
             generated = model.generate(**encoded, max_new_tokens=max_new_tokens, use_cache=True,
                                        num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,
-                                       eos_token_id=stop_ids(model, tokenizer), **sampling)
+                                       eos_token_id=stops, **sampling)
         texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
         texts = [cut_at_stop(text) if completion else text.strip() for text in texts]
         for position, index in enumerate(batch):
@@ -184,20 +190,37 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return [text for group in answers for text in group]
 
 
-def label_likelihood(model, tokenizer, rows: list[dict], choices: list[str], batch_size: int) -> list[str]:
-    """For each row, the choice the model finds most likely as the whole answer (its tokens plus the
-    template's end of turn, so a label that is a prefix of another does not win by being short)."""
+def label_prefixes(tokenizer, rows: list[dict], choices: list[str]) -> dict[tuple, list[int]]:
+    """Constrained decoding's table: for every prefix of every label's tokens (the label and the template's end of
+    turn, encoded as label_likelihood encodes them), the tokens that may come next. A step outside the table may
+    only stop."""
+    table: dict[tuple, set] = {}
+    for continuation in label_continuations(tokenizer, rows[0], choices):
+        for position, token in enumerate(continuation):
+            table.setdefault(tuple(continuation[:position]), set()).add(token)
+    return {prefix: sorted(tokens) for prefix, tokens in table.items()}
+
+
+def label_continuations(tokenizer, row: dict, choices: list[str]) -> list[list[int]]:
+    """Each choice's tokens as the answer to `row`: the choice plus the end of turn the template puts after an
+    answer (taken from the row's own reference, as trained)."""
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    prompt = encode(row["prompt"])
+    answer = tokenizer.decode(row["input_ids"][len(prompt):])
+    found = answer.find(row["reference"].strip())
+    end = answer[found + len(row["reference"].strip()):] if found >= 0 else ""
+    return [encode(choice + end) for choice in choices]
+
+
+def label_likelihood(model, tokenizer, rows: list[dict], choices: list[str], batch_size: int) -> list[str]:
+    """For each row, the choice the model finds most likely as the whole answer (its tokens plus the
+    template's end of turn, so a label that is a prefix of another does not win by being short)."""
     sequences = []
     for row in rows:
-        prompt = encode(row["prompt"])
-        answer = tokenizer.decode(row["input_ids"][len(prompt):])  # reference + end of turn, as trained
-        found = answer.find(row["reference"].strip())
-        end = answer[found + len(row["reference"].strip()):] if found >= 0 else ""
-        for choice in choices:
-            continuation = encode(choice + end)
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        for continuation in label_continuations(tokenizer, row, choices):
             sequences.append((prompt + continuation, [IGNORE] * len(prompt) + continuation))
     scores = [logprob for logprob, _ in sequence_logprobs(model, sequences, batch_size)]
     width = len(choices)
@@ -270,7 +293,10 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg) -> tuple[dict, list[
         if cfg.classification.scoring == "likelihood":
             outputs = label_likelihood(model, tokenizer, rows, choices, cfg.batch_size)
         else:
-            outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+            allowed = label_prefixes(tokenizer, rows, choices) if cfg.classification.scoring == "constrained" else None
+            longest = max((len(tokens) for tokens in allowed), default=0) + 1 if allowed else cfg.max_new_tokens
+            outputs = generate(model, tokenizer, prompts, max(cfg.max_new_tokens, longest), cfg.batch_size,
+                               allowed=allowed)
         labels = [normalise_label(choice) for choice in choices]
         task = classification_metrics([parse_label(output, labels) for output in outputs],
                                       [normalise_label(reference) for reference in references])

@@ -206,6 +206,7 @@ class Decoding:
     temperature: float = 1.0
     top_p: float = 1.0
     num_return_sequences: int = 1
+    prefix_allowed_tokens_fn: object = None  # transformers' (row, ids so far) -> allowed next ids: constrained decoding
 
     @classmethod
     def from_generate_kwargs(cls, eos_token_id=None, pad_token_id=None, **kwargs) -> Decoding:
@@ -281,6 +282,24 @@ class LlamaCppLM:
         width = max(len(row) for row in rows)
         return torch.tensor([row + [decoding.pad_token_id] * (width - len(row)) for row in rows])
 
+    @staticmethod
+    def _constrain(decoding: Decoding, prompt: list[int], context: int, row: int):
+        """llama.cpp's logits processor for `prefix_allowed_tokens_fn`: called, as transformers calls it, with the
+        prompt row as given (padding kept) and the tokens generated so far, the `context` ones before them aside."""
+        if decoding.prefix_allowed_tokens_fn is None:
+            return None
+        import numpy as np
+        import torch
+
+        def mask(tokens, scores):
+            new = [int(token) for token in tokens[context:]]
+            allowed = decoding.prefix_allowed_tokens_fn(row, torch.tensor(prompt + new))
+            kept = np.full_like(scores, -np.inf)
+            kept[allowed] = scores[allowed]
+            return kept
+
+        return [mask]
+
     def _generate(self, input_ids, attention_mask, decoding: Decoding) -> list[list[int]]:
         rows = []
         for row in range(input_ids.shape[0]):
@@ -289,7 +308,9 @@ class LlamaCppLM:
                 self.llm.reset()
                 self.llm.set_seed(sample)
                 new: list[int] = []
-                for token in self.llm.generate(ids, repeat_penalty=1.0, min_p=0.0, **decoding.sampler()):
+                for token in self.llm.generate(ids, repeat_penalty=1.0, min_p=0.0, **decoding.sampler(),
+                                               logits_processor=self._constrain(decoding, input_ids[row].tolist(),
+                                                                                len(ids), row)):
                     if token in decoding.stop_ids and len(new) >= decoding.min_new_tokens:
                         new.append(token)
                         break

@@ -9,7 +9,8 @@ from finetune.params.core import Float, Strict
 
 
 class ClassificationEval(Strict):
-    scoring: Literal["generate", "likelihood"]  # parse the generated label, or rank labels by likelihood
+    scoring: Literal["generate", "constrained", "likelihood"]  # parse the generated label; generate only label names
+    # (greedy decoding restricted to the labels' tokens); or rank every label by its likelihood (one pass per label)
     labels: list[str]  # the classes; empty: every distinct reference of the test split
 
 
