@@ -155,6 +155,15 @@ def check_columns(sources, paths) -> None:
                              f"`columns: {{<your column>: {missing[0]}}}` on the source")
 
 
+def relabelled(record: dict, replace: dict[str, str]) -> dict:
+    """A classification record with `label_replace` applied to its label (and so to the answer the model learns)."""
+    label = record["label"]
+    for old, new in replace.items():
+        label = label.replace(old, new)
+    messages = [*record["messages"][:-1], {**record["messages"][-1], "content": label}]
+    return {**record, "label": label, "messages": messages}
+
+
 def records(sources, paths, seed: int):
     """Yield ("record", record) or ("reject", reject) for every row of every source (read from `paths`, see
     locate), and a ("source", (name, summary)) after each source."""
@@ -173,6 +182,8 @@ def records(sources, paths, seed: int):
                     shape = detect_format(row)
                     log.info("%s: format auto-detected as %s", name, shape)
                 record = normalise(row, shape)
+                if source.label_replace:
+                    record = relabelled(record, source.label_replace)
             except BadRow as exc:
                 bad += 1
                 yield "reject", {"source": name, "line": number, "reason": str(exc)}

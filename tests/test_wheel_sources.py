@@ -137,6 +137,17 @@ def test_per_label_keeps_the_k_rows_of_lowest_hash_of_each_label_deterministical
         Source(path="test.tsv", per_label=2)
 
 
+def test_label_replace_rewrites_the_label_and_the_answer_the_model_learns(tmp_path):
+    (tmp_path / "test.tsv").write_text("text\tlabel\nwhere is my card?\tcard_arrival\nI lost it\tlost_or_stolen_card\n")
+    splits = run(tmp_path, [Source(path="test.tsv", format="classification", fixed_split="test",
+                                   label_replace={"_": " "})])[0]["test"]
+    assert [(record["label"], record["messages"][-1]) for record in splits] == [
+        ("card arrival", {"role": "assistant", "content": "card arrival"}),
+        ("lost or stolen card", {"role": "assistant", "content": "lost or stolen card"})]
+    with pytest.raises(ValueError, match="label_replace rewrites labels: it needs format: classification"):
+        Source(path="test.tsv", label_replace={"_": " "})
+
+
 def test_jsonl_gz_rows_and_their_rejects(tmp_path):
     lines = [json.dumps({"text": "first plain text"}), "", "{not json", json.dumps({"text": "second plain text"})]
     (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))

