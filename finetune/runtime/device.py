@@ -84,8 +84,7 @@ def reuse_heap_in_loop() -> bool:
     the heap starts empty: it then grows to the step's own peak and stays there, which is what the memory plan
     counts. FINETUNE_HEAP_LIMIT=mmap keeps the low threshold through the loop (the old behaviour, for comparison).
     True when it was applied here."""
-    if not heap_retention_limited() or os.environ.get("FINETUNE_HEAP_LIMIT") == "mmap" \
-            or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if not heap_reused_in_loop():
         return False
     import ctypes
 
@@ -93,6 +92,13 @@ def reuse_heap_in_loop() -> bool:
     libc.malloc_trim(0)
     return bool(libc.mallopt(M_TRIM_THRESHOLD, LOOP_TRIM_THRESHOLD)
                 and libc.mallopt(M_MMAP_THRESHOLD, LOOP_MMAP_THRESHOLD))
+
+
+def heap_reused_in_loop() -> bool:
+    """Whether the training loop keeps its freed buffers in the heap (reuse_heap_in_loop), as the memory plan counts:
+    the heap is bounded first, and neither FINETUNE_HEAP_LIMIT=mmap nor MALLOC_MMAP_THRESHOLD_ keeps the bound on."""
+    return heap_retention_limited() and os.environ.get("FINETUNE_HEAP_LIMIT") != "mmap" \
+        and "MALLOC_MMAP_THRESHOLD_" not in os.environ
 
 
 def qlora_compute_dtype(setting: str, placement: Placement) -> str:
