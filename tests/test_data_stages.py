@@ -245,13 +245,16 @@ def test_toxicity_classifier_path_with_a_tiny_local_model(tmp_path, tiny_base):
     assert run_dedup({"train": rows}, section("dedup_filter", toxicity={**toxicity, "labels": ["other"]}))[1]["train"] == {}
 
 
-def test_accounting_on_the_real_default_data(tmp_path, tiny_base):
+def test_accounting_on_the_generated_tickets_with_their_planted_duplicates(tmp_path, tiny_base):
     from transformers import AutoTokenizer
 
+    from conftest import TEST_SCALE
+
     params = load_params()
+    cfg = section("ingest", **TEST_SCALE["ingest"])
     out = tmp_path / "ingested"
     out.mkdir()
-    summary = ingest.ingest(params.ingest.sources, params.seed, params.ingest, out, tmp_path / "rejects.jsonl")
+    summary = ingest.ingest(cfg.sources, params.seed, cfg, out, tmp_path / "rejects.jsonl")
     assert (summary["rows_in"], summary["rejected"]) == (1600, 20)
     splits = {name: dedup_filter.read_records(out / f"{name}.jsonl") for name in ingest.SPLITS}
     kept, removed, result = run_dedup(splits, params.dedup_filter, AutoTokenizer.from_pretrained(tiny_base))

@@ -242,9 +242,8 @@ def test_a_new_base_model_moves_every_metric_and_the_comment_still_fits_headline
     changed = int(report.split("<summary>Metrics changed: ")[1].split(" ")[0])
     assert changed > 250 + 9000 * (labels > 0), changed
     assert len(reproduce) > 10_000 or labels == 0
-    if labels:  # the detail is cut to fit, saying what and how to see it all
-        assert "more metrics cut to keep this comment under 60,000 characters; all of them: " \
-               "`dvc metrics diff main --md`" in report
+    # the detail is cut to fit, saying what and how to see it all: Banking77's 77 intents alone give ~1,000 per-class rows
+    assert "more metrics cut to keep this comment under 60,000 characters; all of them: " \
+           "`dvc metrics diff main --md`" in report
+    if labels:
         assert "```\n\n*… " in report.split("### Do the committed metrics reproduce?")[1]  # the note renders
-    else:  # a real base change fits whole (~285 rows)
-        assert "cut to keep this comment" not in report.split("<summary>Metrics changed")[1]

@@ -71,6 +71,7 @@ class LengthGroupedSampler:
         # the widest batch first (as transformers' LengthGroupedSampler does): the heap, which keeps a step's freed
         # buffers for the next (device.reuse_heap_in_loop), grows to the run's largest shapes at once and every later,
         # narrower step fits in them, where a wide batch coming late found the heap cut up for narrower ones
-        widest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
-        batches.insert(0, batches.pop(widest))
+        if batches:
+            widest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
+            batches.insert(0, batches.pop(widest))
         return iter([index for batch in batches + ([last] if last else []) for index in batch])
