@@ -35,11 +35,14 @@ from finetune.params.core import apply_overrides  # noqa: E402
 
 # Small knobs: every stage and code path runs, on a few rows and steps. A family without a chat template
 # of its own (GPT-NeoX) uses the alpaca template; quality checks are off (random weights: no signal).
-KNOBS = {
+KNOBS = {  # the generated tickets (any family's tokenizer reads them), not the shipped Banking77 default
+    "ingest.sources": [{"path": "data/raw/support_tickets.jsonl", "format": "alpaca"}],
     "ingest.max_eval_rows": 4, "ingest.max_test_rows": 6,
+    "format.system_prompt": "You route customer support tickets to the right team.",
     "format.max_seq_len": 128,
     "train.max_steps": 3, "train.batch_size": 4, "train.logging_steps": 1, "train.checkpoint_steps": 0,
     "evaluate.max_new_tokens": 4, "evaluate.batch_size": 4, "evaluate.num_examples": 2, "evaluate.general.tasks": [],
+    "evaluate.classification.scoring": "generate",
     "quantize.formats": ["gguf_q8_0", "gptq"], "quantize.gptq.calibration_rows": 8, "quantize.speed_new_tokens": 4,
     "quantize.checks.gguf_q8_0": {"max_perplexity_drop_percent": 1000.0, "min_top1_agreement": 0.0},
     "quantize.checks.gptq": {"max_perplexity_drop_percent": 1000.0, "min_top1_agreement": 0.0},
@@ -72,9 +75,10 @@ def configure(repo: Path, family: str, model_dir: Path, knobs: dict | None = Non
         family_models.vocab_file(family))["chat_template"]
     settings = {**KNOBS, "model.base": str(Path(model_dir).resolve()), "format.template": "tokenizer" if has_template else "alpaca",
                 "quantize.gptq.group_size": gptq_group_size(model_dir), **(knobs or {})}
+    params = apply_overrides(params, settings)
     for source in params["ingest"]["sources"]:
         source["max_rows"] = ROWS_PER_SOURCE
-    (repo / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, settings), sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def init(repo: Path) -> None:

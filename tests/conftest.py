@@ -27,9 +27,11 @@ TEST_SCALE = {
 
 
 def at_test_scale(params: dict) -> dict:
+    import copy
+
     from finetune.params.core import merge
 
-    return merge(params, TEST_SCALE)
+    return merge(params, copy.deepcopy(TEST_SCALE))  # a test that edits its params must not edit the next one's
 
 
 def repo_on_tiny_base(destination: Path, tiny_base: Path, edit_params=None) -> Path:

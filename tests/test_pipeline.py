@@ -11,6 +11,7 @@ import re
 import pytest
 import yaml
 
+from conftest import at_test_scale
 from repo_tools import ran, sh, tracked_copy
 
 pytestmark = pytest.mark.e2e
@@ -21,7 +22,7 @@ DOWNSTREAM = ["train", "evaluate", "merge", "quantize", "publish", "headline"]
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = tracked_copy(tmp_path_factory.mktemp("repo"))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = at_test_scale(yaml.safe_load((repo / "params.yaml").read_text()))
     params["model"]["base"], params["threads"] = "builtin", 1  # the tests' scale, whatever the shipped default
     params["model"]["builtin"].update(num_layers=2, pretrain_steps=40)
     params["train"].update(max_steps=40, logging_steps=5)
