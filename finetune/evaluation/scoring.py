@@ -171,11 +171,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=completion)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda index: lengths[index])
     answers: list = [None] * len(prompts)
+    stops = stop_ids(model, tokenizer)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         encoded = tokenizer([prompts[index] for index in batch], return_tensors="pt", padding=True,
                             add_special_tokens=completion).to(input_device(model))  # a chat template placed BOS
-        stops = stop_ids(model, tokenizer)
         if allowed is not None:
             width = encoded["input_ids"].shape[1]
             sampling["prefix_allowed_tokens_fn"] = lambda row, ids: allowed.get(tuple(ids[width:].tolist()), stops)
@@ -195,15 +195,15 @@ def label_prefixes(tokenizer, rows: list[dict], choices: list[str]) -> dict[tupl
     turn, encoded as label_likelihood encodes them), the tokens that may come next. A step outside the table may
     only stop."""
     table: dict[tuple, set] = {}
-    for continuation in label_continuations(tokenizer, rows[0], choices):
+    for continuation in label_continuations(tokenizer, rows[0], choices)[1]:
         for position, token in enumerate(continuation):
             table.setdefault(tuple(continuation[:position]), set()).add(token)
     return {prefix: sorted(tokens) for prefix, tokens in table.items()}
 
 
-def label_continuations(tokenizer, row: dict, choices: list[str]) -> list[list[int]]:
-    """Each choice's tokens as the answer to `row`: the choice plus the end of turn the template puts after an
-    answer (taken from the row's own reference, as trained)."""
+def label_continuations(tokenizer, row: dict, choices: list[str]) -> tuple[list[int], list[list[int]]]:
+    """`row`'s prompt tokens, and each choice's tokens as its answer: the choice plus the end of turn the template
+    puts after an answer (taken from the row's own reference, as trained)."""
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -211,7 +211,7 @@ def label_continuations(tokenizer, row: dict, choices: list[str]) -> list[list[i
     answer = tokenizer.decode(row["input_ids"][len(prompt):])
     found = answer.find(row["reference"].strip())
     end = answer[found + len(row["reference"].strip()):] if found >= 0 else ""
-    return [encode(choice + end) for choice in choices]
+    return prompt, [encode(choice + end) for choice in choices]
 
 
 def label_likelihood(model, tokenizer, rows: list[dict], choices: list[str], batch_size: int) -> list[str]:
@@ -219,8 +219,8 @@ def label_likelihood(model, tokenizer, rows: list[dict], choices: list[str], bat
     template's end of turn, so a label that is a prefix of another does not win by being short)."""
     sequences = []
     for row in rows:
-        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        for continuation in label_continuations(tokenizer, row, choices):
+        prompt, continuations = label_continuations(tokenizer, row, choices)
+        for continuation in continuations:
             sequences.append((prompt + continuation, [IGNORE] * len(prompt) + continuation))
     scores = [logprob for logprob, _ in sequence_logprobs(model, sequences, batch_size)]
     width = len(choices)
